@@ -1,0 +1,1 @@
+"""Data layer: dataset loaders, the synthetic catalog, text templating, validation and splits."""

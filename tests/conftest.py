@@ -1,0 +1,45 @@
+"""Shared fixtures: one real local Ray cluster per test session, and one tiny finished run."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_CONFIG = REPO / "tests" / "tiny.yaml"
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """A real local Ray cluster shared by the tests of this session (4 logical CPUs on 2 cores)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=4, runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}})
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_config():
+    from cost_dist.config import Config
+
+    return Config.load(TINY_CONFIG)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(ray_session, tiny_config, tmp_path_factory):
+    """A full pipeline run on the tiny synthetic config, shared by evaluation, Serve and report tests."""
+    from cost_dist.pipeline import run_pipeline
+    from cost_dist.rundir import RunDir
+
+    run = RunDir(str(tmp_path_factory.mktemp("tiny_run")))
+    run_pipeline(tiny_config, run)
+    return run
