@@ -1,0 +1,13 @@
+"""Run the evaluate stage alone as a Ray job (same flags and code path as jobs/full_pipeline.py).
+"""
+
+import sys
+from pathlib import Path
+
+# The job's working directory is the repository: import the shipped cost_dist, not an installed copy.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from cost_dist.cli import job_main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(job_main("evaluate"))
