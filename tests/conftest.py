@@ -18,11 +18,16 @@ TINY_CONFIG = REPO / "tests" / "tiny.yaml"
 
 @pytest.fixture(scope="session")
 def ray_session():
-    """A real local Ray cluster shared by the tests of this session (4 logical CPUs on 2 cores)."""
+    """A real local Ray cluster shared by the tests of this session (4 logical CPUs on 2 cores).
+
+    address="local" starts a private cluster: a bare ray.init() would join whatever cluster the last
+    `ray start` on this machine recorded (another test's head, another user's).
+    """
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=4, runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}})
+        ray.init(address="local", num_cpus=4,
+                 runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}})
     yield ray
     ray.shutdown()
 
@@ -38,8 +43,10 @@ def tiny_config():
 def tiny_run(ray_session, tiny_config, tmp_path_factory):
     """A full pipeline run on the tiny synthetic config, shared by evaluation, Serve and report tests."""
     from cost_dist.pipeline import run_pipeline
+    from cost_dist.report import write_report
     from cost_dist.rundir import RunDir
 
     run = RunDir(str(tmp_path_factory.mktemp("tiny_run")))
     run_pipeline(tiny_config, run)
+    write_report(run)
     return run
