@@ -1,0 +1,624 @@
+"""Cluster glue outside the pipeline: a local autoscaling cluster, and the RayService serve config.
+
+Two things live here because both are about running cost-dist on a real cluster rather than about
+the pipeline itself:
+
+- `LocalAutoscalingCluster`: Ray's fake multi-node autoscaling cluster
+  (`ray.cluster_utils.AutoscalingCluster`) made safe for a machine other Ray clusters share. Ray's
+  own `start()`/`shutdown()` run `ray stop --force`, which kills every Ray cluster of the machine,
+  and its config generation reads `fake_multi_node/example.yaml`, which the 2.60 wheel lacks. This
+  subclass builds the config itself, starts the head on free ports in a session of its own, and on
+  shutdown kills that session's processes only (the autoscaler starts the fake worker nodes from
+  the head's monitor process, so they and all their workers belong to the same session).
+- `autoscale_demo`: starts such a cluster with a head that has no CPU for work (as in
+  cluster/ray-cluster.yaml) and a CPU worker type with min 0, runs a small pipeline stage on it, and
+  records the node count over time: the autoscaler adds a worker for the stage and removes it after
+  the idle timeout. `python -m cost_dist.cluster autoscale-demo` prints the timeline as JSON;
+  tests/test_zz_autoscaling.py runs it in a subprocess.
+- `render_serve_config_v2` / `rayservice_drift`: the KubeRay RayService's `serveConfigV2` is
+  generated from serve/config.yaml (`python -m cost_dist.cluster render-rayservice`), so the two
+  cannot drift; the check is what the tests run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from cost_dist.errors import CostDistError
+
+log = logging.getLogger(__name__)
+
+REPO = Path(__file__).resolve().parents[1]
+SERVE_CONFIG = REPO / "serve" / "config.yaml"
+RAYSERVICE_MANIFEST = REPO / "cluster" / "kuberay" / "rayservice.yaml"
+RAYSERVICE_OVERRIDES = REPO / "cluster" / "kuberay" / "serve-overrides.yaml"
+
+HEAD_NODE_TYPE = "ray.head.default"
+
+
+class ClusterError(CostDistError):
+    """A cluster helper that could not start, or manifests that disagree with their sources."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Local autoscaling cluster
+# --------------------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on right now (the OS picks it)."""
+    with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _fake_multinode_base_config() -> dict[str, Any]:
+    """What ray/autoscaler/_private/fake_multi_node/example.yaml holds upstream (absent from the 2.60 wheel)."""
+    return {
+        "cluster_name": "fake_multinode",
+        "max_workers": 8,
+        "provider": {
+            "type": "fake_multinode",
+            "use_node_id_as_ip": True,
+            "disable_node_updaters": True,
+            "disable_launch_config_check": True,
+        },
+        "available_node_types": {},
+        "head_node_type": HEAD_NODE_TYPE,
+        "auth": {},
+        "upscaling_speed": 1.0,
+        "idle_timeout_minutes": 0.1,
+        "docker": {},
+        "initialization_commands": [],
+        "setup_commands": [],
+        "head_setup_commands": [],
+        "worker_setup_commands": [],
+        "head_start_ray_commands": [],
+        "worker_start_ray_commands": [],
+        "file_mounts": {},
+        "cluster_synced_files": [],
+        "file_mounts_sync_continuously": False,
+        "rsync_exclude": [],
+        "rsync_filter": [],
+    }
+
+
+try:  # ray is a dependency, but keep `import cost_dist.cluster` cheap for the manifest tools
+    from ray.cluster_utils import AutoscalingCluster as _AutoscalingClusterBase
+except ImportError:  # pragma: no cover - ray is always installed with this package
+    _AutoscalingClusterBase = object  # type: ignore[assignment,misc]
+
+
+class LocalAutoscalingCluster(_AutoscalingClusterBase):  # type: ignore[misc,valid-type]
+    """A fake multi-node autoscaling Ray cluster on this machine that leaves other clusters alone.
+
+    `head_resources` are the head's logical resources (`CPU: 0` = the head runs no work);
+    `worker_node_types` are autoscaler node types (`resources`, `min_workers`, `max_workers`,
+    `node_config: {}`). Worker nodes are real raylets started by the autoscaler's fake node provider.
+    """
+
+    def __init__(self, head_resources: dict[str, Any], worker_node_types: dict[str, Any],
+                 idle_timeout_minutes: float = 0.2, object_store_memory: int = 200_000_000,
+                 upscaling_speed: float = 1.0, env: dict[str, str] | None = None):
+        self.gcs_port = free_port()
+        self.object_store_memory = object_store_memory
+        self.env = dict(env or {})
+        self.address: str | None = None
+        self._session: int | None = None
+        self._config_file: str | None = None
+        self._previous_current_cluster: str | None = None
+        super().__init__(head_resources=dict(head_resources), worker_node_types=copy.deepcopy(worker_node_types),
+                         idle_timeout_minutes=idle_timeout_minutes, upscaling_speed=upscaling_speed)
+
+    def _generate_config(self, head_resources, worker_node_types, autoscaler_v2=False, **config_kwargs):
+        import ray._private.services
+
+        config = _fake_multinode_base_config()
+        for name, node_type in worker_node_types.items():
+            node_type.setdefault("node_config", {})
+            node_type.setdefault("resources", {}).setdefault("object_store_memory", self.object_store_memory)
+        config["available_node_types"] = dict(worker_node_types)
+        config["available_node_types"][HEAD_NODE_TYPE] = {"resources": dict(head_resources), "node_config": {}, "max_workers": 0}
+        # Fake worker nodes join this GCS; upstream they join port 6379, which another cluster may own.
+        ip = ray._private.services.get_node_ip_address()
+        config["provider"]["gcs_address"] = f"{ip}:{self.gcs_port}"
+        config["max_workers"] = max(config["max_workers"], sum(t.get("max_workers", 0) for t in worker_node_types.values()))
+        config.update(config_kwargs)
+        return config
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return copy.deepcopy(self._config)
+
+    def start(self, _system_config=None, override_env=None) -> str:
+        """Start the head (with the autoscaler) on free ports in its own process group; returns the GCS address."""
+        import ray._private.services
+        from ray._private.utils import get_ray_address_file
+
+        address_file = get_ray_address_file(None)
+        if os.path.exists(address_file):
+            self._previous_current_cluster = Path(address_file).read_text()
+        fd, self._config_file = tempfile.mkstemp(prefix="cost-dist-autoscaler-", suffix=".json")
+        with os.fdopen(fd, "w") as f:
+            json.dump(self._config, f)
+        head = dict(self._head_resources)
+        cmd = [
+            sys.executable, "-m", "ray.scripts.scripts", "start", "--head",
+            f"--autoscaling-config={self._config_file}",
+            f"--port={self.gcs_port}",
+            f"--num-cpus={head.pop('CPU', 0)}",
+            f"--num-gpus={head.pop('GPU', 0)}",
+            f"--object-store-memory={head.pop('object_store_memory', self.object_store_memory)}",
+            "--include-dashboard=false",
+            f"--ray-client-server-port={free_port()}",
+            f"--dashboard-agent-listen-port={free_port()}",
+            f"--dashboard-agent-grpc-port={free_port()}",
+            f"--runtime-env-agent-port={free_port()}",
+            f"--metrics-export-port={free_port()}",
+            f"--node-manager-port={free_port()}",
+            f"--object-manager-port={free_port()}",
+            "--disable-usage-stats",
+        ]
+        if head:
+            cmd.append(f"--resources={json.dumps(head)}")
+        if _system_config is not None:
+            cmd.append(f"--system-config={json.dumps(_system_config, separators=(',', ':'))}")
+        env = os.environ.copy()
+        env.pop("RAY_ADDRESS", None)
+        env.update({
+            # The fake provider refuses to run without RAY_FAKE_CLUSTER; a 1 s autoscaler loop keeps
+            # scale-up and scale-down prompt.
+            "RAY_FAKE_CLUSTER": "1",
+            "AUTOSCALER_UPDATE_INTERVAL_S": "1",
+            # A local test cluster: no token, so drivers and CLIs connect without ~/.ray/auth_token.
+            "RAY_AUTH_MODE": "disabled",
+            "HF_HUB_OFFLINE": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+        })
+        env.update(self.env)
+        env.update(override_env or {})
+        log.info("starting autoscaling head: %s", " ".join(cmd))
+        # A new session: the head, its autoscaler, every fake worker node it launches and their worker
+        # processes share one session id that shutdown() can kill without touching anything else.
+        proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+        self._session = proc.pid
+        out, _ = proc.communicate(timeout=180)
+        if proc.returncode != 0:
+            self.shutdown()
+            raise ClusterError(f"`ray start --head` of the autoscaling cluster failed (exit {proc.returncode}):\n{out[-3000:]}")
+        ray._private.services.find_gcs_addresses.cache_clear()
+        self.address = f"{ray._private.services.get_node_ip_address()}:{self.gcs_port}"
+        log.info("autoscaling cluster up at %s (session %s)", self.address, self._session)
+        return self.address
+
+    def shutdown(self, grace_s: float = 5.0) -> None:
+        """Stop the head, the autoscaler and the worker nodes it started: this cluster's processes only."""
+        from ray._private.utils import get_ray_address_file
+
+        sid, self._session = self._session, None
+        if sid is not None:
+            _kill_session(sid, grace_s)
+        if self._config_file and os.path.exists(self._config_file):
+            os.unlink(self._config_file)
+        # `ray start` recorded this cluster as the machine's "current" one; put the previous entry back
+        # if nobody started another cluster since, so `ray.init("auto")` elsewhere does not find a dead one.
+        address_file = get_ray_address_file(None)
+        with contextlib.suppress(OSError):
+            if self.address and Path(address_file).read_text().strip() == self.address:
+                if self._previous_current_cluster is not None:
+                    Path(address_file).write_text(self._previous_current_cluster)
+                else:
+                    os.unlink(address_file)
+
+    def __enter__(self) -> "LocalAutoscalingCluster":
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
+
+def _kill_session(sid: int, grace_s: float) -> None:
+    """SIGTERM every process of session `sid`, then SIGKILL what is left after `grace_s`.
+
+    By session, not by process group: the raylet moves each worker process into a process group of
+    its own, but the workers keep the session of the `ray start` that created their raylet.
+    """
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        pids = _session_pids(sid)
+        if not pids:
+            return
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, sig)
+        deadline = time.time() + (grace_s if sig == signal.SIGTERM else 2.0)
+        while time.time() < deadline and _session_pids(sid):
+            time.sleep(0.2)
+
+
+def _session_pids(sid: int) -> list[int]:
+    import psutil
+
+    me = os.getpid()
+    pids = []
+    for proc in psutil.process_iter(["pid", "status"]):
+        with contextlib.suppress(psutil.Error, OSError):
+            if proc.pid != me and os.getsid(proc.pid) == sid and proc.info["status"] != psutil.STATUS_ZOMBIE:
+                pids.append(proc.pid)
+    return pids
+
+
+# --------------------------------------------------------------------------------------------------
+# Autoscaling demo: a pipeline stage on a head without capacity
+# --------------------------------------------------------------------------------------------------
+
+
+class NodeTimeline:
+    """Samples the cluster's alive nodes once a second (from the driver) until stopped."""
+
+    def __init__(self, t0: float, interval_s: float = 1.0):
+        self.t0 = t0
+        self.interval_s = interval_s
+        self.samples: list[dict[str, Any]] = []
+        self.marks: dict[str, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="node-timeline", daemon=True)
+
+    def start(self) -> "NodeTimeline":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def mark(self, name: str) -> None:
+        self.marks[name] = round(time.time() - self.t0, 2)
+
+    def sample(self) -> dict[str, Any]:
+        import ray
+
+        alive = [n for n in ray.nodes() if n.get("Alive")]
+        workers = [n for n in alive if not _is_head(n)]
+        point = {"t": round(time.time() - self.t0, 2), "nodes": len(alive), "workers": len(workers),
+                 "worker_cpus": sum(n.get("Resources", {}).get("CPU", 0) for n in workers)}
+        self.samples.append(point)
+        return point
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.sample()
+            except Exception as exc:  # a GCS hiccup while nodes come and go: keep sampling
+                log.debug("node sample failed: %s", exc)
+            self._stop.wait(self.interval_s)
+
+    def changes(self) -> list[dict[str, Any]]:
+        """The samples where the node count changed (plus the first and last)."""
+        out: list[dict[str, Any]] = []
+        for i, s in enumerate(self.samples):
+            if i == 0 or i == len(self.samples) - 1 or s["nodes"] != self.samples[i - 1]["nodes"]:
+                out.append(s)
+        return out
+
+    def wait_for(self, predicate, timeout_s: float) -> dict[str, Any] | None:
+        deadline = time.time() + timeout_s
+        while time.time() < deadline:
+            if self.samples and predicate(self.samples[-1]):
+                return self.samples[-1]
+            time.sleep(0.5)
+        return None
+
+
+def _is_head(node: dict[str, Any]) -> bool:
+    return any(k.startswith("node:__internal_head__") for k in node.get("Resources", {}))
+
+
+def demo_config(num_items: int = 120, num_users: int = 60):
+    """A tiny pipeline config whose embed actors ask for CPU that only an autoscaled worker has."""
+    from cost_dist.config import Config
+
+    return Config.from_dict({
+        "name": "autoscale-demo",
+        "data": {"dataset": "synthetic", "synthetic": {"num_items": num_items, "num_users": num_users, "num_topics": 4,
+                                                        "min_seq_len": 5, "max_seq_len": 8}},
+        "embed": {"batch_size": 32},
+        "resources": {"embed": {"min_actors": 1, "max_actors": 1, "num_cpus": 1, "num_gpus": 0}},
+    })
+
+
+def _run_embed_stage(cfg, run_uri: str) -> dict[str, Any]:
+    """The real pipeline: prepare (no Ray) then embed (Ray Data actors sized by cfg.resources.embed)."""
+    from cost_dist.pipeline import run_stage
+    from cost_dist.rundir import RunDir
+
+    run = RunDir(run_uri)
+    run_stage(cfg, run, "prepare")
+    metrics = run_stage(cfg, run, "embed") or {}
+    table = run.read_parquet("embed/embeddings.parquet") if hasattr(run, "read_parquet") else None
+    rows = table.num_rows if table is not None else None
+    return {"stage": "embed", "rows": rows, "metrics": metrics}
+
+
+def _run_ray_data_stage(cfg, run_uri: str) -> dict[str, Any]:
+    """A plain Ray Data map_batches job sized by cfg.resources.embed (checks the cluster helper alone)."""
+    import ray
+
+    res = cfg.resources.embed
+
+    class Square:
+        def __call__(self, batch):
+            batch["y"] = batch["id"] * batch["id"]
+            return batch
+
+    ds = ray.data.range(2000, override_num_blocks=8).map_batches(
+        Square, batch_size=250, num_cpus=res.num_cpus, num_gpus=res.num_gpus or None,
+        compute=ray.data.ActorPoolStrategy(min_size=res.min_actors, max_size=res.max_actors))
+    total = int(sum(int(b["y"].sum()) for b in ds.iter_batches(batch_size=500)))
+    return {"stage": "ray-data", "rows": 2000, "checksum": total, "expected": sum(i * i for i in range(2000))}
+
+
+def autoscale_demo(stage: str = "embed", idle_timeout_minutes: float = 0.2, worker_cpus: int = 2,
+                   scale_down_timeout_s: float = 150.0, run_uri: str | None = None) -> dict[str, Any]:
+    """Run a small stage on a head with `CPU: 0` and one autoscaling CPU worker type (min 0).
+
+    Returns the node timeline and the moments the worker came, the stage finished and the worker went.
+    """
+    import ray
+
+    cluster = LocalAutoscalingCluster(
+        head_resources={"CPU": 0},
+        worker_node_types={"cpu_worker": {"resources": {"CPU": worker_cpus}, "min_workers": 0, "max_workers": 1,
+                                          "node_config": {}}},
+        idle_timeout_minutes=idle_timeout_minutes,
+    )
+    cfg = demo_config()
+    result: dict[str, Any] = {"stage": stage, "idle_timeout_minutes": idle_timeout_minutes,
+                              "head_resources": {"CPU": 0},
+                              "worker_type": {"cpu_worker": {"CPU": worker_cpus, "min_workers": 0, "max_workers": 1}},
+                              "stage_resources": {"embed": dict(vars(cfg.resources.embed))}}
+    tmp = tempfile.TemporaryDirectory(prefix="cost-dist-autoscale-")
+    t0 = time.time()
+    timeline = NodeTimeline(t0)
+    try:
+        address = cluster.start()
+        result["cluster_start_s"] = round(time.time() - t0, 2)
+        os.environ["RAY_ADDRESS"] = address
+        os.environ["RAY_AUTH_MODE"] = "disabled"
+        ray.init(address=address, log_to_driver=False,
+                 runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}})
+        timeline.start()
+        first = timeline.wait_for(lambda s: True, 10) or {}
+        result["workers_before_stage"] = first.get("workers")
+        timeline.mark("stage_start")
+        runner = _run_embed_stage if stage == "embed" else _run_ray_data_stage
+        result["stage_result"] = runner(cfg, run_uri or tmp.name)
+        timeline.mark("stage_done")
+        result["workers_at_stage_end"] = timeline.sample()["workers"]
+        gone = timeline.wait_for(lambda s: s["workers"] == 0, scale_down_timeout_s)
+        if gone is not None:
+            timeline.mark("workers_removed")
+    finally:
+        timeline.stop()
+        with contextlib.suppress(Exception):
+            ray.shutdown()
+        cluster.shutdown()
+        tmp.cleanup()
+    samples = timeline.samples
+    added = next((s["t"] for s in samples if s["workers"] > 0), None)
+    result.update({
+        "timeline": timeline.changes(),
+        "num_samples": len(samples),
+        "max_workers_seen": max((s["workers"] for s in samples), default=0),
+        "worker_added_s": added,
+        "stage_start_s": timeline.marks.get("stage_start"),
+        "stage_done_s": timeline.marks.get("stage_done"),
+        "workers_removed_s": timeline.marks.get("workers_removed"),
+        "final_workers": samples[-1]["workers"] if samples else None,
+        "total_s": round(time.time() - t0, 2),
+    })
+    return result
+
+
+# --------------------------------------------------------------------------------------------------
+# RayService serveConfigV2 from serve/config.yaml
+# --------------------------------------------------------------------------------------------------
+
+
+def _load_yaml(path: Path, what: str) -> Any:
+    if not path.exists():
+        raise ClusterError(f"{what} not found: {path}")
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ClusterError(f"{what} {path} is not valid YAML: {exc}") from None
+
+
+def _deep_merge(base: Any, update: Any) -> Any:
+    if isinstance(base, dict) and isinstance(update, dict):
+        out = dict(base)
+        for k, v in update.items():
+            out[k] = _deep_merge(base.get(k), v) if k in base else copy.deepcopy(v)
+        return out
+    return copy.deepcopy(update)
+
+
+def serve_config_for_cluster(serve_config: Path = SERVE_CONFIG, overrides: Path = RAYSERVICE_OVERRIDES) -> dict[str, Any]:
+    """serve/config.yaml with the cluster-only overrides applied (per application, matched by name).
+
+    The overrides file holds only what must differ in the cluster image (the run directory on shared
+    storage, no local working_dir); everything else comes from serve/config.yaml.
+    """
+    base = _load_yaml(serve_config, "Serve config")
+    if not isinstance(base, dict) or not isinstance(base.get("applications"), list):
+        raise ClusterError(f"Serve config {serve_config} has no `applications` list")
+    patch = _load_yaml(overrides, "RayService overrides") if overrides.exists() else {}
+    patch = patch or {}
+    apps = copy.deepcopy(base["applications"])
+    by_name = {a.get("name"): a for a in apps}
+    for name, app_patch in (patch.get("applications") or {}).items():
+        if name not in by_name:
+            raise ClusterError(f"{overrides}: application {name!r} is not in {serve_config} "
+                               f"(applications: {', '.join(map(str, by_name))})")
+        app = by_name[name]
+        for key in app_patch.get("remove", []) or []:
+            _remove_dotted(app, key)
+        merged = _deep_merge(app, app_patch.get("set", {}) or {})
+        app.clear()
+        app.update(merged)
+    out = {k: copy.deepcopy(v) for k, v in base.items() if k != "applications"}
+    for k, v in (patch.get("top_level") or {}).items():
+        out[k] = copy.deepcopy(v)
+    out["applications"] = apps
+    return out
+
+
+def _remove_dotted(d: dict[str, Any], dotted: str) -> None:
+    parts = dotted.split(".")
+    node: Any = d
+    for part in parts[:-1]:
+        if not isinstance(node, dict) or part not in node:
+            return
+        node = node[part]
+    if isinstance(node, dict):
+        node.pop(parts[-1], None)
+        # Drop a section the removal left empty (e.g. runtime_env without working_dir).
+        if len(parts) > 1 and not node:
+            _remove_dotted(d, ".".join(parts[:-1]))
+
+
+def render_serve_config_v2(serve_config: Path = SERVE_CONFIG, overrides: Path = RAYSERVICE_OVERRIDES) -> str:
+    """The serveConfigV2 string of the RayService (YAML, as KubeRay expects it)."""
+    return yaml.safe_dump(serve_config_for_cluster(serve_config, overrides), sort_keys=False, default_flow_style=False)
+
+
+def render_rayservice(manifest: Path = RAYSERVICE_MANIFEST, serve_config: Path = SERVE_CONFIG,
+                      overrides: Path = RAYSERVICE_OVERRIDES) -> str:
+    """The RayService manifest with its serveConfigV2 block regenerated from serve/config.yaml.
+
+    Only the block scalar after `serveConfigV2: |` is replaced, so the comments and layout of the
+    rest of the manifest stay as written.
+    """
+    text = _load_text(manifest)
+    lines = text.splitlines(keepends=True)
+    for i, line in enumerate(lines):
+        stripped = line.lstrip()
+        if stripped.startswith("serveConfigV2:"):
+            indent = len(line) - len(stripped)
+            body_indent = " " * (indent + 2)
+            end = i + 1
+            while end < len(lines) and (not lines[end].strip() or len(lines[end]) - len(lines[end].lstrip()) > indent):
+                end += 1
+            body = render_serve_config_v2(serve_config, overrides)
+            block = [" " * indent + "serveConfigV2: |\n"]
+            block += [(body_indent + ln if ln.strip() else "\n") for ln in body.splitlines(keepends=True)]
+            # Keep the blank lines that separated the block from what follows.
+            tail_blank = []
+            for ln in reversed(lines[i + 1:end]):
+                if ln.strip():
+                    break
+                tail_blank.append(ln)
+            return "".join(lines[:i] + block + tail_blank + lines[end:])
+    raise ClusterError(f"{manifest} has no serveConfigV2 field")
+
+
+def _load_text(path: Path) -> str:
+    if not path.exists():
+        raise ClusterError(f"file not found: {path}")
+    return path.read_text()
+
+
+def rayservice_drift(manifest: Path = RAYSERVICE_MANIFEST, serve_config: Path = SERVE_CONFIG,
+                     overrides: Path = RAYSERVICE_OVERRIDES) -> list[str]:
+    """Differences between the RayService's serveConfigV2 and serve/config.yaml (+ overrides); [] = agree."""
+    doc = _load_yaml(manifest, "RayService manifest")
+    try:
+        text = doc["spec"]["serveConfigV2"]
+    except (KeyError, TypeError):
+        raise ClusterError(f"{manifest} has no spec.serveConfigV2") from None
+    actual = yaml.safe_load(text)
+    expected = serve_config_for_cluster(serve_config, overrides)
+    return _diff(expected, actual, "serveConfigV2")
+
+
+def _diff(expected: Any, actual: Any, where: str) -> list[str]:
+    if isinstance(expected, dict) and isinstance(actual, dict):
+        out = []
+        for k in sorted(set(expected) | set(actual), key=str):
+            if k not in actual:
+                out.append(f"{where}.{k}: missing (serve/config.yaml has {expected[k]!r})")
+            elif k not in expected:
+                out.append(f"{where}.{k}: not in serve/config.yaml (manifest has {actual[k]!r})")
+            else:
+                out += _diff(expected[k], actual[k], f"{where}.{k}")
+        return out
+    if isinstance(expected, list) and isinstance(actual, list) and len(expected) == len(actual):
+        return [d for i, (e, a) in enumerate(zip(expected, actual)) for d in _diff(e, a, f"{where}[{i}]")]
+    return [] if expected == actual else [f"{where}: serve/config.yaml gives {expected!r}, manifest has {actual!r}"]
+
+
+# --------------------------------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------------------------------
+
+
+def _raise_keyboard_interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m cost_dist.cluster", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("autoscale-demo", help="run a small stage on a local autoscaling cluster; print the node timeline as JSON")
+    p.add_argument("--stage", choices=["embed", "ray-data"], default="embed",
+                   help="embed: the pipeline's prepare+embed stages; ray-data: a plain Ray Data job with the same resources")
+    p.add_argument("--idle-timeout-minutes", type=float, default=0.2)
+    p.add_argument("--worker-cpus", type=int, default=2)
+    p.add_argument("--out", help="also write the JSON here")
+    p = sub.add_parser("render-rayservice", help="regenerate serveConfigV2 in cluster/kuberay/rayservice.yaml from serve/config.yaml")
+    p.add_argument("--check", action="store_true", help="only report differences (exit 1 if any)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        if args.command == "autoscale-demo":
+            # A SIGTERM (a test's timeout) still runs the finally blocks that stop the cluster.
+            signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+            result = autoscale_demo(stage=args.stage, idle_timeout_minutes=args.idle_timeout_minutes,
+                                    worker_cpus=args.worker_cpus)
+            text = json.dumps(result, indent=2)
+            if args.out:
+                Path(args.out).write_text(text)
+            print(text)
+            return 0
+        if args.check:
+            drift = rayservice_drift()
+            for line in drift:
+                print(line)
+            return 1 if drift else 0
+        RAYSERVICE_MANIFEST.write_text(render_rayservice())
+        print(f"wrote {RAYSERVICE_MANIFEST}")
+        return 0
+    except CostDistError as exc:
+        print(f"cost_dist.cluster: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
