@@ -1,0 +1,100 @@
+"""TIGER's encoder-decoder over semantic-ID tokens: a small T5 from transformers in a plain nn.Module.
+
+The module knows nothing of Ray. It exposes what training and decoding need: the training loss
+(cross-entropy restricted to each position's token range), teacher-forced per-position log-probs
+(exact scoring), and the encoder / single-step decoder with a key/value cache (beam search).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cost_dist.generator.vocab import EOS, PAD, Vocabulary
+
+
+def t5_config(vocab: Vocabulary, cfg):
+    from transformers import T5Config
+
+    return T5Config(
+        vocab_size=vocab.size,
+        d_model=cfg.d_model,
+        d_kv=cfg.d_kv,
+        d_ff=cfg.d_ff,
+        num_layers=cfg.num_encoder_layers,
+        num_decoder_layers=cfg.num_decoder_layers,
+        num_heads=cfg.num_heads,
+        dropout_rate=cfg.dropout,
+        feed_forward_proj="relu",
+        pad_token_id=PAD,
+        eos_token_id=EOS,
+        decoder_start_token_id=PAD,
+        use_cache=True,
+        is_encoder_decoder=True,
+    )
+
+
+class TigerModel(nn.Module):
+    def __init__(self, vocab: Vocabulary, cfg):
+        super().__init__()
+        from transformers import T5ForConditionalGeneration
+
+        self.vocab = vocab
+        self.t5 = T5ForConditionalGeneration(t5_config(vocab, cfg))
+        # Additive mask per decoding position: 0 on the position's token range, -inf elsewhere.
+        mask = torch.full((vocab.id_length, vocab.size), float("-inf"))
+        for t, (start, size) in enumerate(vocab.position_ranges):
+            mask[t, start:start + size] = 0.0
+        self.register_buffer("position_mask", mask, persistent=False)
+
+    # ---- training / exact scoring -----------------------------------------------------------------
+
+    def position_log_probs(self, input_ids: torch.Tensor, target_tokens: torch.Tensor,
+                           encoder_hidden: torch.Tensor | None = None) -> torch.Tensor:
+        """Teacher-forced log-softmax over each position's range: [B, L, V] (-inf outside the range)."""
+        attention_mask = (input_ids != PAD).long()
+        decoder_input = torch.cat([torch.full_like(target_tokens[:, :1], PAD), target_tokens[:, :-1]], dim=1)
+        kwargs = {}
+        if encoder_hidden is not None:
+            kwargs["encoder_outputs"] = (encoder_hidden,)
+        out = self.t5(input_ids=None if encoder_hidden is not None else input_ids, attention_mask=attention_mask,
+                      decoder_input_ids=decoder_input, use_cache=False, **kwargs)
+        logits = out.logits.float() + self.position_mask[None, :, :]
+        return F.log_softmax(logits, dim=-1)
+
+    def forward(self, input_ids: torch.Tensor, target_tokens: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+        """Mean cross-entropy of the target IDs' tokens (softmax over each position's own range)."""
+        log_probs = self.position_log_probs(input_ids, target_tokens)
+        nll = -log_probs.gather(-1, target_tokens.unsqueeze(-1)).squeeze(-1)
+        if label_smoothing > 0:
+            # Smooth over the position's own range only (the -inf entries are outside it).
+            finite = torch.isfinite(log_probs)
+            smooth = -(log_probs.masked_fill(~finite, 0.0).sum(-1) / finite.sum(-1))
+            nll = (1 - label_smoothing) * nll + label_smoothing * smooth
+        return nll.mean()
+
+    @torch.no_grad()
+    def score_ids(self, input_ids: torch.Tensor, target_tokens: torch.Tensor) -> torch.Tensor:
+        """Log-prob of each row's full ID: [B] = sum over positions (teacher forced)."""
+        log_probs = self.position_log_probs(input_ids, target_tokens)
+        return log_probs.gather(-1, target_tokens.unsqueeze(-1)).squeeze(-1).sum(-1)
+
+    # ---- incremental decoding ---------------------------------------------------------------------
+
+    def encode(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        attention_mask = (input_ids != PAD).long()
+        hidden = self.t5.get_encoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return hidden, attention_mask
+
+    def decode_step(self, tokens: torch.Tensor, encoder_hidden: torch.Tensor, encoder_mask: torch.Tensor, cache) -> torch.Tensor:
+        """One decoder step for [N] last tokens with the running cache; returns logits [N, V] (float32)."""
+        out = self.t5(encoder_outputs=(encoder_hidden,), attention_mask=encoder_mask, decoder_input_ids=tokens[:, None],
+                      past_key_values=cache, use_cache=True)
+        return out.logits[:, -1, :].float()
+
+
+def new_cache():
+    from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+
+    return EncoderDecoderCache(DynamicCache(), DynamicCache())
