@@ -43,6 +43,10 @@ class SyntheticConfig:
     # Probability that a user's next item stays on the topic the transition matrix picks; the rest is noise.
     topic_stickiness: float = 0.85
     batch_size: int = 100_000  # items generated per batch, so 10^6 items stay in bounded memory
+    # Topics a topic can lead to (sparse transition matrix rows; weights drawn from a Dirichlet).
+    topic_successors: int = 3
+    zipf_exponent: float = 1.0  # item popularity within a topic: weight ~ 1 / rank^exponent
+    words_per_topic: int = 24  # distinctive vocabulary per topic (item text draws from it)
 
 
 @dataclass
@@ -51,6 +55,7 @@ class ColumnMapping:
 
     user_id: str = "user_id"
     item_id: str = "item_id"
+    # "" = the files have no time column: row order (per user, file order) is the time order.
     timestamp: str = "timestamp"
     # Item text columns in the items file (also the fields the text template may use).
     text_fields: list[str] = field(default_factory=lambda: ["title"])
@@ -73,6 +78,10 @@ class DataConfig:
     # logged) or "error".
     on_bad_rows: str = "drop"
     max_len: int = 20  # history length the models see (the last max_len items)
+    # Catalog items nobody interacted with (after filtering): False drops them (counted in stats).
+    keep_unused_items: bool = False
+    delimiter: str | None = None  # generic CSV delimiter; None = "," or tab for .tsv files
+    mind_include_history: bool = True  # MIND: the behaviors' click histories become interactions too
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
 
