@@ -177,6 +177,7 @@ class ServeConfig:
     max_k: int = 100
     max_history: int = 200
     max_request_items: int = 256  # items per /tokenize or /items request
+    max_request_bytes: int = 1_048_576  # request bodies over this are refused (413) before parsing
     beam_size: int = 20
 
 

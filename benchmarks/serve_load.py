@@ -1,0 +1,181 @@
+"""Load test of the Serve app on 127.0.0.1: QPS and latency with @serve.batch on, and with max batch size 1.
+
+    python benchmarks/serve_load.py --run runs/demo --json serve_load.json
+
+For each mode (batching on: the run's cfg.serve.max_batch_size; off: max_batch_size=1) the app is
+deployed with one replica per deployment (so the comparison measures batching, not replica count),
+warmed up, then driven by a bounded closed-loop load generator at each concurrency (default 1, 8,
+64): `--requests` POST /recommend requests per level, or fewer when the level hits `--time-cap`
+seconds. Histories are real users' histories from the run (their last items before the test item).
+Any non-200 answer or transport error counts as an error.
+
+Writes {"rows": [{"batching", "concurrency", "qps", "p50_ms", "p99_ms", "errors", "requests",
+"mean_batch_size"}, ...], "meta": {...}} and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger("serve_load")
+
+
+def load_histories(run, max_len: int, limit: int = 2000, seed: int = 0) -> list[dict]:
+    """(user_id, history) pairs: each user's items before their last one, the last max_len of them."""
+    seqs = run.read_parquet("prepare/sequences.parquet", columns=["user_id", "item_ids"]).to_pylist()
+    rng = random.Random(seed)
+    rng.shuffle(seqs)
+    out = []
+    for row in seqs[:limit]:
+        hist = row["item_ids"][:-1][-max_len:]
+        if hist:
+            out.append({"user_id": row["user_id"], "history": hist})
+    if not out:
+        raise SystemExit(f"no usable histories in {run.uri('prepare/sequences.parquet')}")
+    return out
+
+
+async def drive(url: str, bodies: list[dict], concurrency: int, requests: int, time_cap: float) -> dict:
+    """Closed loop: `concurrency` workers send requests back to back until `requests` are sent or time is up."""
+    import aiohttp
+
+    latencies: list[float] = []
+    errors = 0
+    sent = 0
+    deadline = time.perf_counter() + time_cap
+    batch_sizes: list[int] = []
+
+    async def worker(session: aiohttp.ClientSession, wid: int) -> None:
+        nonlocal errors, sent
+        while sent < requests and time.perf_counter() < deadline:
+            body = bodies[(sent * 7919 + wid) % len(bodies)]
+            sent += 1
+            t0 = time.perf_counter()
+            try:
+                async with session.post(url, json=body) as resp:
+                    payload = await resp.json(content_type=None)
+                    if resp.status != 200:
+                        errors += 1
+                        log.warning("HTTP %d: %s", resp.status, str(payload)[:200])
+                        continue
+                latencies.append(time.perf_counter() - t0)
+                batch_sizes.append(int(payload.get("batch_size", 0)))
+            except Exception as exc:  # transport errors are what the benchmark counts
+                errors += 1
+                log.warning("request failed: %r", exc)
+
+    connector = aiohttp.TCPConnector(limit=concurrency, force_close=False)
+    timeout = aiohttp.ClientTimeout(total=max(60.0, time_cap))
+    t_start = time.perf_counter()
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+        await asyncio.gather(*(worker(session, w) for w in range(concurrency)))
+    wall = time.perf_counter() - t_start
+    lat_ms = np.asarray(latencies) * 1000.0
+    return {
+        "qps": round(len(latencies) / wall, 2) if wall > 0 else 0.0,
+        "p50_ms": round(float(np.percentile(lat_ms, 50)), 2) if len(lat_ms) else None,
+        "p99_ms": round(float(np.percentile(lat_ms, 99)), 2) if len(lat_ms) else None,
+        "errors": errors,
+        "requests": len(latencies) + errors,
+        "mean_batch_size": round(float(np.mean(batch_sizes)), 2) if batch_sizes else 0.0,
+        "wall_s": round(wall, 2),
+    }
+
+
+def wait_healthy(base: str, timeout: float = 300.0) -> None:
+    import requests
+
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        try:
+            r = requests.get(f"{base}/healthz", timeout=10)
+            if r.status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(1.0)
+    raise SystemExit(f"the app at {base} did not become healthy in {timeout:.0f} s")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", required=True, help="a finished run directory")
+    parser.add_argument("--json", required=True, help="where to write the results")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--concurrency", default="1,8,64", help="comma-separated concurrency levels")
+    parser.add_argument("--requests", type=int, default=400, help="requests per level (fixed count)")
+    parser.add_argument("--time-cap", type=float, default=30.0, help="seconds per level at most")
+    parser.add_argument("--warmup", type=int, default=20, help="requests before each mode's measurements")
+    parser.add_argument("--k", type=int, default=10)
+    parser.add_argument("--num-cpus", type=int, default=4, help="logical CPUs of the local Ray cluster")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+    import ray
+    import requests
+    from ray import serve
+
+    from cost_dist.rundir import RunDir
+    from cost_dist.serving import APP_NAME, build_app, load_run_config, resolve_run_uri
+
+    run = RunDir(resolve_run_uri(args.run))
+    cfg = load_run_config(run)
+    levels = [int(c) for c in args.concurrency.split(",") if c.strip()]
+    bodies = [{**h, "k": args.k} for h in load_histories(run, cfg.data.max_len)]
+    base = f"http://127.0.0.1:{args.port}"
+
+    ray.init(address="local", num_cpus=args.num_cpus, runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}})
+    serve.start(http_options={"host": "127.0.0.1", "port": args.port})
+    rows = []
+    try:
+        for batching in (True, False):
+            max_batch = cfg.serve.max_batch_size if batching else 1
+            app = build_app({"run": run.uri(), "max_batch_size": max_batch, "added_items": "none", "replicas": 1})
+            serve.run(app, name=APP_NAME, route_prefix="/")
+            wait_healthy(base)
+            stats = requests.get(f"{base}/stats", timeout=30).json()["recommender"]
+            assert stats["max_batch_size"] == max_batch, stats
+            asyncio.run(drive(f"{base}/recommend", bodies, min(8, max(levels)), args.warmup, args.time_cap))
+            for c in levels:
+                res = asyncio.run(drive(f"{base}/recommend", bodies, c, args.requests, args.time_cap))
+                row = {"batching": batching, "concurrency": c, **res}
+                rows.append(row)
+                log.info("batching=%s concurrency=%d: %s", batching, c, res)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+    by = {(r["batching"], r["concurrency"]): r for r in rows}
+    top = max(levels)
+    speedup = (by[(True, top)]["qps"] / by[(False, top)]["qps"]) if by[(False, top)]["qps"] else None
+    meta = {"run": run.uri(), "max_batch_size": cfg.serve.max_batch_size,
+            "batch_wait_timeout_s": cfg.serve.batch_wait_timeout_s, "beam_size": cfg.serve.beam_size, "k": args.k,
+            "requests_per_level": args.requests, "time_cap_s": args.time_cap, "cpus": os.cpu_count(),
+            f"batching_speedup_at_{top}": round(speedup, 2) if speedup else None}
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps({"rows": rows, "meta": meta}, indent=2))
+
+    print(f"\n{'batching':>8} {'conc':>5} {'qps':>8} {'p50 ms':>8} {'p99 ms':>8} {'errors':>6} {'reqs':>5} {'mean batch':>10}")
+    for r in rows:
+        print(f"{str(r['batching']):>8} {r['concurrency']:>5} {r['qps']:>8.1f} {r['p50_ms'] or 0:>8.1f} "
+              f"{r['p99_ms'] or 0:>8.1f} {r['errors']:>6} {r['requests']:>5} {r['mean_batch_size']:>10.2f}")
+    if speedup:
+        print(f"batching speed-up at concurrency {top}: {speedup:.2f}x")
+    print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,149 @@
+"""`serve deploy serve/config.yaml` against a real `ray start --head` (own ports), then `serve status` and a query.
+
+The head runs in its own session (process group) with RAY_AUTH_MODE=disabled (Ray 2.60 turns on
+token auth for `ray start` otherwise). It is stopped by killing that process group and any process
+that still names its GCS port -- never `ray stop`, which would stop every cluster on the machine.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def free_ports(n: int) -> list[int]:
+    socks, ports = [], []
+    for _ in range(n):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        socks.append(s)
+        ports.append(s.getsockname()[1])
+    for s in socks:
+        s.close()
+    return ports
+
+
+def _pids_naming(token: str) -> list[int]:
+    out = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if token in cmdline:
+            out.append(int(proc.name))
+    return out
+
+
+@pytest.fixture
+def ray_head(tmp_path):
+    """A separate Ray head on free ports, started from the repo root so import_path resolves."""
+    gcs, dash, client, node_mgr, obj_mgr, agent, agent_grpc, metrics, rt_env, http = free_ports(10)
+    worker_lo = 20000 + (gcs % 20000)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update({"RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})
+    cmd = [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
+           "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+           f"--ray-client-server-port={client}", f"--node-manager-port={node_mgr}",
+           f"--object-manager-port={obj_mgr}", f"--dashboard-agent-listen-port={agent}",
+           f"--dashboard-agent-grpc-port={agent_grpc}", f"--metrics-export-port={metrics}",
+           f"--runtime-env-agent-port={rt_env}", f"--min-worker-port={worker_lo}",
+           f"--max-worker-port={worker_lo + 300}", "--num-cpus=2", "--disable-usage-stats"]
+    log = open(tmp_path / "ray_head.log", "wb")
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    dashboard = f"http://127.0.0.1:{dash}"
+    try:
+        t0 = time.time()
+        while True:
+            if proc.poll() is not None:
+                raise AssertionError(f"ray start exited with {proc.returncode}: {(tmp_path / 'ray_head.log').read_text()[-3000:]}")
+            try:
+                if requests.get(f"{dashboard}/api/version", timeout=5).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            if time.time() - t0 > 120:
+                raise AssertionError("the Ray head's dashboard did not come up in 120 s")
+            time.sleep(1)
+        yield {"dashboard": dashboard, "http_port": http, "env": env}
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            pass
+        # Processes of this head that left the group (raylet children, GCS) still name its GCS port.
+        for pid in [*_pids_naming(f"127.0.0.1:{gcs}"), *_pids_naming(f"--gcs-address=127.0.0.1:{gcs}")]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        log.close()
+
+
+def test_serve_deploy_config_then_status_and_query(ray_head, tiny_run, tmp_path):
+    config = yaml.safe_load((REPO / "serve" / "config.yaml").read_text())
+    app = config["applications"][0]
+    assert app["import_path"] == "serve.app:build_app" and app["route_prefix"] == "/"
+    names = {d["name"] for d in app["deployments"]}
+    assert {"Ingress", "Recommender", "Tokenizer", "AddedItemsLog"} <= names
+    for d in app["deployments"]:
+        if d["name"] != "AddedItemsLog":
+            assert {"autoscaling_config", "max_ongoing_requests", "ray_actor_options"} <= set(d)
+    # Point the shipped config at the tiny run and this head's free HTTP port; nothing else changes.
+    app["args"]["run"] = tiny_run.uri()
+    config["http_options"]["port"] = ray_head["http_port"]
+    path = tmp_path / "serve_config.yaml"
+    path.write_text(yaml.safe_dump(config))
+
+    env = ray_head["env"]
+    subprocess.run([str(BIN / "serve"), "deploy", str(path), "--address", ray_head["dashboard"]], cwd=REPO, env=env,
+                   check=True, timeout=120)
+
+    def status() -> str:
+        return subprocess.run([str(BIN / "serve"), "status", "--address", ray_head["dashboard"]], cwd=REPO, env=env,
+                              capture_output=True, text=True, timeout=60).stdout
+
+    t0 = time.time()
+    while True:
+        out = status()
+        parsed = yaml.safe_load(out) or {}
+        app_status = (parsed.get("applications") or {}).get("cost-dist", {})
+        if app_status.get("status") == "RUNNING":
+            break
+        assert app_status.get("status") not in ("DEPLOY_FAILED", "UNHEALTHY"), out
+        assert time.time() - t0 < 240, f"app not RUNNING after 240 s:\n{out}"
+        time.sleep(2)
+    deployments = app_status["deployments"]
+    assert all(d["status"] == "HEALTHY" for d in deployments.values()), out
+
+    base = f"http://127.0.0.1:{ray_head['http_port']}"
+    health = requests.get(f"{base}/healthz", timeout=60)
+    assert health.status_code == 200 and health.json()["status"] == "ok"
+    seqs = tiny_run.read_parquet("prepare/sequences.parquet").to_pylist()
+    r = requests.post(f"{base}/recommend", json={"user_id": seqs[0]["user_id"], "history": seqs[0]["item_ids"][:-1], "k": 5},
+                      timeout=60)
+    assert r.status_code == 200, r.text
+    assert len(r.json()["items"]) == 5
+    assert requests.get(f"{base}/version", timeout=30).json()["run"] == tiny_run.uri()
