@@ -32,7 +32,8 @@ from cost_dist.data.splits import build_sequences, sort_interactions
 from cost_dist.data.stats import sequence_stats
 from cost_dist.data.synthetic import SyntheticWorld
 from cost_dist.data.text import DEFAULT_TEMPLATES, default_template, render_column
-from cost_dist.data.validate import BadRows, dedupe_items, drop_null, drop_short_users, drop_unknown_items, kcore, require_rows
+from cost_dist.data.validate import (ROW, BadRows, dedupe_items, drop_null, drop_short_users, drop_unknown_items, kcore,
+                                     require_rows, row_numbers)
 from cost_dist.errors import DataError
 from cost_dist.rundir import RunDir
 
@@ -98,17 +99,17 @@ def prepare_loaded(raw: RawDataset, cfg: DataConfig, bad: BadRows) -> PreparedDa
     require_rows(raw.items, raw.items_source)
     items = drop_null(raw.items, "item_id", bad, raw.items_source, "null_item_ids")
     items = dedupe_items(items, bad, raw.items_source)
-    inter = raw.interactions
+    inter = raw.interactions.append_column(ROW, pa.array(np.arange(1, raw.interactions.num_rows + 1)))
     inter = drop_null(inter, "user_id", bad, raw.interactions_source, "null_user_ids")
     inter = drop_null(inter, "item_id", bad, raw.interactions_source, "null_item_ids")
     n = pc.sum(pc.is_null(inter.column("timestamp"))).as_py() or 0
     if n:
         mask = pc.is_null(inter.column("timestamp"))
-        rows = np.flatnonzero(mask.to_numpy(zero_copy_only=False))[:5]
         bad.report("bad_timestamps", n, f"{raw.interactions_source}: {n} row(s) with an empty or unreadable timestamp",
-                   examples=[f"row {r + 1}" for r in rows])
+                   examples=row_numbers(inter, mask))
         inter = inter.filter(pc.invert(mask))
     inter = drop_unknown_items(inter, items.column("item_id"), bad, raw.interactions_source)
+    inter = inter.drop_columns([ROW])
     inter = _filter_users_and_items(inter, cfg, bad, raw.interactions_source)
     if inter.num_rows == 0:
         raise DataError(f"{raw.interactions_source}: no interactions left after validation and filtering "

@@ -221,11 +221,11 @@ def to_timestamps(col: pa.ChunkedArray, source: str, column: str) -> pa.Array:
         values = col.cast(pa.string()).to_pandas()
         present = values.notna() & (values.str.strip() != "")
         numeric = pd.to_numeric(values, errors="coerce")
-        if numeric[present].notna().all():
-            secs = np.floor(numeric.to_numpy(dtype="float64", na_value=np.nan))
-        else:
-            parsed = pd.to_datetime(values, errors="coerce", utc=True, format="mixed")
-            secs = epoch_seconds(parsed)
+        secs = np.floor(numeric.to_numpy(dtype="float64", na_value=np.nan))
+        dates = present & numeric.isna()
+        if dates.any():  # values that are not numbers are parsed as dates
+            parsed = pd.to_datetime(values[dates], errors="coerce", utc=True, format="mixed")
+            secs[dates.to_numpy()] = epoch_seconds(parsed)
         mask = np.isnan(secs)
         return pa.array(np.where(mask, 0, secs).astype("int64"), mask=mask, type=pa.int64())
     raise DataError(f"{source}: column {column!r} has type {t}, expected numbers or dates for timestamps")

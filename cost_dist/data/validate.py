@@ -59,6 +59,19 @@ def require_rows(table: pa.Table, source: str) -> None:
         raise DataError(f"{source} is empty (no rows)")
 
 
+ROW = "__row"  # 1-based data row of the source file, carried while validating so messages can cite it
+
+
+def row_numbers(table: pa.Table, mask, limit: int = 5) -> list[str]:
+    """'row N' labels (source file rows when the table carries ROW) of the first masked rows."""
+    idx = np.flatnonzero(np.asarray(pc.fill_null(mask, False).to_numpy(zero_copy_only=False), dtype=bool))[:limit]
+    if ROW in table.column_names:
+        rows = table.column(ROW).take(pa.array(idx)).to_pylist()
+    else:
+        rows = (idx + 1).tolist()
+    return [f"row {r}" for r in rows]
+
+
 def drop_null(table: pa.Table, column: str, bad: BadRows, source: str, reason: str) -> pa.Table:
     """Drop rows whose `column` is null (or an empty string for ids)."""
     col = table.column(column)
@@ -68,8 +81,7 @@ def drop_null(table: pa.Table, column: str, bad: BadRows, source: str, reason: s
     mask = pc.fill_null(mask, True)
     n = pc.sum(mask).as_py() or 0
     if n:
-        rows = np.flatnonzero(mask.to_numpy(zero_copy_only=False))[:5].tolist()
-        bad.report(reason, n, f"{source}: {n} row(s) with an empty {column!r}", examples=[f"row {r}" for r in rows])
+        bad.report(reason, n, f"{source}: {n} row(s) with an empty {column!r}", examples=row_numbers(table, mask))
         table = table.filter(pc.invert(mask))
     return table
 
