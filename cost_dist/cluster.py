@@ -1,6 +1,6 @@
-"""Cluster glue outside the pipeline: a local autoscaling cluster, and the RayService serve config.
+"""Cluster glue outside the pipeline: a local autoscaling cluster, manifest checks and generation.
 
-Two things live here because both are about running cost-dist on a real cluster rather than about
+These live here because they are about running cost-dist on a real cluster rather than about
 the pipeline itself:
 
 - `LocalAutoscalingCluster`: Ray's fake multi-node autoscaling cluster
@@ -15,9 +15,12 @@ the pipeline itself:
   records the node count over time: the autoscaler adds a worker for the stage and removes it after
   the idle timeout. `python -m cost_dist.cluster autoscale-demo` prints the timeline as JSON;
   tests/test_zz_autoscaling.py runs it in a subprocess.
-- `render_serve_config_v2` / `rayservice_drift`: the KubeRay RayService's `serveConfigV2` is
-  generated from serve/config.yaml (`python -m cost_dist.cluster render-rayservice`), so the two
-  cannot drift; the check is what the tests run.
+- Manifest checks: `validate_launcher_config` (Ray's own cluster-config schema and checks, as `ray
+  up` runs them) and `validate_kuberay_manifest` (the vendored KubeRay CRD schemas).
+- Generated manifest fields: the RayService's `serveConfigV2` comes from serve/config.yaml (plus
+  cluster/kuberay/serve-overrides.yaml), and the RayJob's / RayService's cluster specs from
+  cluster/kuberay/raycluster.yaml (`python -m cost_dist.cluster render-kuberay`), so they cannot
+  drift; `kuberay_drift` is the check the tests run.
 """
 
 from __future__ import annotations
@@ -46,7 +49,6 @@ log = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[1]
 SERVE_CONFIG = REPO / "serve" / "config.yaml"
-RAYSERVICE_MANIFEST = REPO / "cluster" / "kuberay" / "rayservice.yaml"
 RAYSERVICE_OVERRIDES = REPO / "cluster" / "kuberay" / "serve-overrides.yaml"
 
 HEAD_NODE_TYPE = "ray.head.default"
@@ -438,7 +440,87 @@ def autoscale_demo(stage: str = "embed", idle_timeout_minutes: float = 0.2, work
 
 
 # --------------------------------------------------------------------------------------------------
-# RayService serveConfigV2 from serve/config.yaml
+# Manifest validation: Ray's cluster-config schema, KubeRay's CRD schemas
+# --------------------------------------------------------------------------------------------------
+
+KUBERAY_DIR = REPO / "cluster" / "kuberay"
+KUBERAY_SCHEMAS = KUBERAY_DIR / "schemas"
+KUBERAY_KINDS = ("RayCluster", "RayJob", "RayService")
+
+
+def validate_launcher_config(config: dict[str, Any]) -> dict[str, Any]:
+    """Check a cluster launcher config the way `ray up` does; returns it with Ray's defaults filled in.
+
+    The raw file is validated against ray/autoscaler/ray-schema.json (the top level rejects unknown
+    keys), then `prepare_config` merges the provider's defaults and `validate_config` runs Ray's own
+    checks on the result, as `ray up` does before it creates any node.
+    """
+    import jsonschema
+    import ray.autoscaler
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    schema = json.loads((Path(ray.autoscaler.__file__).parent / "ray-schema.json").read_text())
+    try:
+        jsonschema.validate(config, schema)
+        prepared = prepare_config(copy.deepcopy(config))
+        validate_config(prepared)
+    except jsonschema.ValidationError as exc:
+        where = ".".join(str(p) for p in exc.absolute_path) or "(top level)"
+        raise ClusterError(f"cluster launcher config: {where}: {exc.message}") from None
+    except (ValueError, RuntimeError) as exc:
+        raise ClusterError(f"cluster launcher config: {exc}") from None
+    return prepared
+
+
+def kuberay_schema(kind: str, strict: bool = True) -> dict[str, Any]:
+    """The vendored openAPIV3Schema of a KubeRay CRD (see cluster/kuberay/schemas/SOURCE.json).
+
+    strict=True rejects fields the schema does not define, as `kubectl apply --validate=strict`
+    does (the API server would otherwise prune them silently): every object schema with
+    `properties` and no `additionalProperties` / `x-kubernetes-preserve-unknown-fields` is closed.
+    """
+    if kind not in KUBERAY_KINDS:
+        raise ClusterError(f"no vendored schema for kind {kind!r} (have {', '.join(KUBERAY_KINDS)})")
+    path = KUBERAY_SCHEMAS / f"{kind.lower()}.schema.json"
+    schema = json.loads(_load_text(path))
+    return _close_objects(schema) if strict else schema
+
+
+def _close_objects(node: Any) -> Any:
+    if isinstance(node, list):
+        return [_close_objects(v) for v in node]
+    if not isinstance(node, dict):
+        return node
+    out = {k: _close_objects(v) for k, v in node.items()}
+    if ("properties" in out and "additionalProperties" not in out
+            and not out.get("x-kubernetes-preserve-unknown-fields")):
+        out["additionalProperties"] = False
+    return out
+
+
+def validate_kuberay_manifest(doc: dict[str, Any], strict: bool = True) -> list[str]:
+    """Errors of one KubeRay manifest against its CRD schema ([] = valid). CEL rules are not evaluated."""
+    import jsonschema
+
+    if not isinstance(doc, dict):
+        return [f"manifest must be a mapping, got {type(doc).__name__}"]
+    kind = doc.get("kind")
+    errors = []
+    if doc.get("apiVersion") != "ray.io/v1":
+        errors.append(f"apiVersion: expected ray.io/v1, got {doc.get('apiVersion')!r}")
+    if kind not in KUBERAY_KINDS:
+        return errors + [f"kind: expected one of {', '.join(KUBERAY_KINDS)}, got {kind!r}"]
+    if not (doc.get("metadata") or {}).get("name"):
+        errors.append("metadata.name: missing")
+    validator = jsonschema.Draft7Validator(kuberay_schema(kind, strict=strict))
+    for err in sorted(validator.iter_errors(doc), key=lambda e: list(map(str, e.absolute_path))):
+        where = ".".join(str(p) for p in err.absolute_path) or "(top level)"
+        errors.append(f"{kind} {where}: {err.message}")
+    return errors
+
+
+# --------------------------------------------------------------------------------------------------
+# Generated parts of the KubeRay manifests: serveConfigV2 from serve/config.yaml, cluster specs
 # --------------------------------------------------------------------------------------------------
 
 
@@ -451,26 +533,44 @@ def _load_yaml(path: Path, what: str) -> Any:
         raise ClusterError(f"{what} {path} is not valid YAML: {exc}") from None
 
 
-def _deep_merge(base: Any, update: Any) -> Any:
+def _load_text(path: Path) -> str:
+    if not path.exists():
+        raise ClusterError(f"file not found: {path}")
+    return path.read_text()
+
+
+def _merge(base: Any, update: Any) -> Any:
+    """Mappings merge key by key; lists of named mappings (deployments) merge by `name`."""
     if isinstance(base, dict) and isinstance(update, dict):
         out = dict(base)
         for k, v in update.items():
-            out[k] = _deep_merge(base.get(k), v) if k in base else copy.deepcopy(v)
+            out[k] = _merge(base[k], v) if k in base else copy.deepcopy(v)
+        return out
+    if (isinstance(base, list) and isinstance(update, list) and all(isinstance(x, dict) and "name" in x for x in base + update)):
+        out = [copy.deepcopy(x) for x in base]
+        index = {x["name"]: i for i, x in enumerate(out)}
+        for item in update:
+            if item["name"] in index:
+                out[index[item["name"]]] = _merge(out[index[item["name"]]], item)
+            else:
+                out.append(copy.deepcopy(item))
         return out
     return copy.deepcopy(update)
 
 
 def serve_config_for_cluster(serve_config: Path = SERVE_CONFIG, overrides: Path = RAYSERVICE_OVERRIDES) -> dict[str, Any]:
-    """serve/config.yaml with the cluster-only overrides applied (per application, matched by name).
+    """serve/config.yaml with cluster/kuberay/serve-overrides.yaml applied: the RayService's serveConfigV2.
 
-    The overrides file holds only what must differ in the cluster image (the run directory on shared
-    storage, no local working_dir); everything else comes from serve/config.yaml.
+    The overrides hold only what must differ on the cluster (the run on shared storage, the proxy's
+    host); every application, deployment and autoscaling setting comes from serve/config.yaml.
     """
     base = _load_yaml(serve_config, "Serve config")
     if not isinstance(base, dict) or not isinstance(base.get("applications"), list):
         raise ClusterError(f"Serve config {serve_config} has no `applications` list")
-    patch = _load_yaml(overrides, "RayService overrides") if overrides.exists() else {}
-    patch = patch or {}
+    patch = (_load_yaml(overrides, "RayService overrides") if overrides.exists() else None) or {}
+    out = {k: copy.deepcopy(v) for k, v in base.items() if k != "applications"}
+    for k, v in (patch.get("top_level") or {}).items():
+        out[k] = copy.deepcopy(v)
     apps = copy.deepcopy(base["applications"])
     by_name = {a.get("name"): a for a in apps}
     for name, app_patch in (patch.get("applications") or {}).items():
@@ -478,14 +578,11 @@ def serve_config_for_cluster(serve_config: Path = SERVE_CONFIG, overrides: Path 
             raise ClusterError(f"{overrides}: application {name!r} is not in {serve_config} "
                                f"(applications: {', '.join(map(str, by_name))})")
         app = by_name[name]
-        for key in app_patch.get("remove", []) or []:
+        for key in (app_patch or {}).get("remove") or []:
             _remove_dotted(app, key)
-        merged = _deep_merge(app, app_patch.get("set", {}) or {})
+        merged = _merge(app, (app_patch or {}).get("set") or {})
         app.clear()
         app.update(merged)
-    out = {k: copy.deepcopy(v) for k, v in base.items() if k != "applications"}
-    for k, v in (patch.get("top_level") or {}).items():
-        out[k] = copy.deepcopy(v)
     out["applications"] = apps
     return out
 
@@ -499,63 +596,83 @@ def _remove_dotted(d: dict[str, Any], dotted: str) -> None:
         node = node[part]
     if isinstance(node, dict):
         node.pop(parts[-1], None)
-        # Drop a section the removal left empty (e.g. runtime_env without working_dir).
-        if len(parts) > 1 and not node:
+        if len(parts) > 1 and not node:  # drop a section the removal left empty
             _remove_dotted(d, ".".join(parts[:-1]))
 
 
 def render_serve_config_v2(serve_config: Path = SERVE_CONFIG, overrides: Path = RAYSERVICE_OVERRIDES) -> str:
-    """The serveConfigV2 string of the RayService (YAML, as KubeRay expects it)."""
-    return yaml.safe_dump(serve_config_for_cluster(serve_config, overrides), sort_keys=False, default_flow_style=False)
+    """The RayService's serveConfigV2 (a YAML string, as KubeRay expects it)."""
+    return yaml.safe_dump(serve_config_for_cluster(serve_config, overrides), sort_keys=False)
 
 
-def render_rayservice(manifest: Path = RAYSERVICE_MANIFEST, serve_config: Path = SERVE_CONFIG,
-                      overrides: Path = RAYSERVICE_OVERRIDES) -> str:
-    """The RayService manifest with its serveConfigV2 block regenerated from serve/config.yaml.
+def raycluster_spec(manifest: Path = KUBERAY_DIR / "raycluster.yaml") -> dict[str, Any]:
+    doc = _load_yaml(manifest, "RayCluster manifest")
+    if not isinstance(doc, dict) or doc.get("kind") != "RayCluster" or not isinstance(doc.get("spec"), dict):
+        raise ClusterError(f"{manifest} is not a RayCluster manifest with a spec")
+    return doc["spec"]
 
-    Only the block scalar after `serveConfigV2: |` is replaced, so the comments and layout of the
-    rest of the manifest stay as written.
+
+def _replace_block(text: str, key: str, body: str, literal: bool, where: Path) -> str:
+    """Replace the value of the one `key:` line (and the lines indented under it) by `body`.
+
+    Text-level, so the comments and layout of the rest of the manifest stay as written.
     """
-    text = _load_text(manifest)
     lines = text.splitlines(keepends=True)
-    for i, line in enumerate(lines):
-        stripped = line.lstrip()
-        if stripped.startswith("serveConfigV2:"):
-            indent = len(line) - len(stripped)
-            body_indent = " " * (indent + 2)
-            end = i + 1
-            while end < len(lines) and (not lines[end].strip() or len(lines[end]) - len(lines[end].lstrip()) > indent):
-                end += 1
-            body = render_serve_config_v2(serve_config, overrides)
-            block = [" " * indent + "serveConfigV2: |\n"]
-            block += [(body_indent + ln if ln.strip() else "\n") for ln in body.splitlines(keepends=True)]
-            # Keep the blank lines that separated the block from what follows.
-            tail_blank = []
-            for ln in reversed(lines[i + 1:end]):
-                if ln.strip():
-                    break
-                tail_blank.append(ln)
-            return "".join(lines[:i] + block + tail_blank + lines[end:])
-    raise ClusterError(f"{manifest} has no serveConfigV2 field")
+    hits = [i for i, ln in enumerate(lines) if ln.lstrip().startswith(f"{key}:") and not ln.lstrip().startswith("#")]
+    if len(hits) != 1:
+        raise ClusterError(f"{where}: expected one `{key}:` field, found {len(hits)}")
+    i = hits[0]
+    indent = len(lines[i]) - len(lines[i].lstrip())
+    end = i + 1
+    while end < len(lines) and (not lines[end].strip() or len(lines[end]) - len(lines[end].lstrip()) > indent):
+        end += 1
+    while end > i + 1 and not lines[end - 1].strip():  # blank lines after the block stay
+        end -= 1
+    pad = " " * (indent + 2)
+    head = " " * indent + f"{key}: |\n" if literal else " " * indent + f"{key}:\n"
+    block = [head] + [(pad + ln if ln.strip() else "\n") for ln in body.splitlines(keepends=True)]
+    if not block[-1].endswith("\n"):
+        block[-1] += "\n"
+    return "".join(lines[:i] + block + lines[end:])
 
 
-def _load_text(path: Path) -> str:
-    if not path.exists():
-        raise ClusterError(f"file not found: {path}")
-    return path.read_text()
+GENERATED_MANIFESTS = ("rayjob.yaml", "rayservice.yaml")
 
 
-def rayservice_drift(manifest: Path = RAYSERVICE_MANIFEST, serve_config: Path = SERVE_CONFIG,
-                     overrides: Path = RAYSERVICE_OVERRIDES) -> list[str]:
-    """Differences between the RayService's serveConfigV2 and serve/config.yaml (+ overrides); [] = agree."""
+def render_kuberay_manifest(path: Path) -> str:
+    """A KubeRay manifest with its generated fields filled in from their sources.
+
+    rayClusterSpec (RayJob) and rayClusterConfig (RayService) <- raycluster.yaml's spec;
+    serveConfigV2 (RayService) <- serve/config.yaml + serve-overrides.yaml.
+    """
+    text = _load_text(path)
+    doc = yaml.safe_load(text) or {}
+    spec_text = yaml.safe_dump(raycluster_spec(), sort_keys=False)
+    kind = doc.get("kind")
+    if kind == "RayJob":
+        text = _replace_block(text, "rayClusterSpec", spec_text, False, path)
+    elif kind == "RayService":
+        text = _replace_block(text, "serveConfigV2", render_serve_config_v2(), True, path)
+        text = _replace_block(text, "rayClusterConfig", spec_text, False, path)
+    else:
+        raise ClusterError(f"{path}: nothing is generated in a {kind!r} manifest")
+    return text
+
+
+def kuberay_drift(kuberay_dir: Path = KUBERAY_DIR) -> list[str]:
+    """Generated manifests whose committed text differs from what render_kuberay_manifest gives ([] = in sync)."""
+    return [name for name in GENERATED_MANIFESTS
+            if render_kuberay_manifest(kuberay_dir / name) != _load_text(kuberay_dir / name)]
+
+
+def serve_config_v2_diff(manifest: Path = KUBERAY_DIR / "rayservice.yaml") -> list[str]:
+    """Field-level differences between the RayService's serveConfigV2 and serve/config.yaml (+ overrides)."""
     doc = _load_yaml(manifest, "RayService manifest")
     try:
-        text = doc["spec"]["serveConfigV2"]
+        actual = yaml.safe_load(doc["spec"]["serveConfigV2"])
     except (KeyError, TypeError):
         raise ClusterError(f"{manifest} has no spec.serveConfigV2") from None
-    actual = yaml.safe_load(text)
-    expected = serve_config_for_cluster(serve_config, overrides)
-    return _diff(expected, actual, "serveConfigV2")
+    return _diff(serve_config_for_cluster(), actual, "serveConfigV2")
 
 
 def _diff(expected: Any, actual: Any, where: str) -> list[str]:
@@ -563,15 +680,15 @@ def _diff(expected: Any, actual: Any, where: str) -> list[str]:
         out = []
         for k in sorted(set(expected) | set(actual), key=str):
             if k not in actual:
-                out.append(f"{where}.{k}: missing (serve/config.yaml has {expected[k]!r})")
+                out.append(f"{where}.{k}: missing (expected {expected[k]!r})")
             elif k not in expected:
-                out.append(f"{where}.{k}: not in serve/config.yaml (manifest has {actual[k]!r})")
+                out.append(f"{where}.{k}: unexpected (manifest has {actual[k]!r})")
             else:
                 out += _diff(expected[k], actual[k], f"{where}.{k}")
         return out
     if isinstance(expected, list) and isinstance(actual, list) and len(expected) == len(actual):
         return [d for i, (e, a) in enumerate(zip(expected, actual)) for d in _diff(e, a, f"{where}[{i}]")]
-    return [] if expected == actual else [f"{where}: serve/config.yaml gives {expected!r}, manifest has {actual!r}"]
+    return [] if expected == actual else [f"{where}: expected {expected!r}, manifest has {actual!r}"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -592,8 +709,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--idle-timeout-minutes", type=float, default=0.2)
     p.add_argument("--worker-cpus", type=int, default=2)
     p.add_argument("--out", help="also write the JSON here")
-    p = sub.add_parser("render-rayservice", help="regenerate serveConfigV2 in cluster/kuberay/rayservice.yaml from serve/config.yaml")
-    p.add_argument("--check", action="store_true", help="only report differences (exit 1 if any)")
+    p = sub.add_parser("render-kuberay", help="regenerate the generated fields of cluster/kuberay/rayjob.yaml and rayservice.yaml")
+    p.add_argument("--check", action="store_true", help="only report manifests that are out of date (exit 1 if any)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -608,12 +725,14 @@ def main(argv: list[str] | None = None) -> int:
             print(text)
             return 0
         if args.check:
-            drift = rayservice_drift()
-            for line in drift:
-                print(line)
-            return 1 if drift else 0
-        RAYSERVICE_MANIFEST.write_text(render_rayservice())
-        print(f"wrote {RAYSERVICE_MANIFEST}")
+            stale = kuberay_drift()
+            for name in stale:
+                print(f"{KUBERAY_DIR / name} is out of date: run python -m cost_dist.cluster render-kuberay")
+            return 1 if stale else 0
+        for name in GENERATED_MANIFESTS:
+            path = KUBERAY_DIR / name
+            path.write_text(render_kuberay_manifest(path))
+            print(f"wrote {path}")
         return 0
     except CostDistError as exc:
         print(f"cost_dist.cluster: error: {exc}", file=sys.stderr)
