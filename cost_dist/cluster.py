@@ -145,6 +145,11 @@ class LocalAutoscalingCluster(_AutoscalingClusterBase):  # type: ignore[misc,val
         return config
 
     @property
+    def session(self) -> int | None:
+        """The session id of the head's processes (None when stopped)."""
+        return self._session
+
+    @property
     def config(self) -> dict[str, Any]:
         return copy.deepcopy(self._config)
 
@@ -402,6 +407,7 @@ def autoscale_demo(stage: str = "embed", idle_timeout_minutes: float = 0.2, work
     try:
         address = cluster.start()
         result["cluster_start_s"] = round(time.time() - t0, 2)
+        result["session"] = cluster.session
         os.environ["RAY_ADDRESS"] = address
         os.environ["RAY_AUTH_MODE"] = "disabled"
         ray.init(address=address, log_to_driver=False,
@@ -639,7 +645,8 @@ def _replace_block(text: str, key: str, body: str, literal: bool, where: Path) -
 GENERATED_MANIFESTS = ("rayjob.yaml", "rayservice.yaml")
 
 
-def render_kuberay_manifest(path: Path) -> str:
+def render_kuberay_manifest(path: Path, raycluster: Path = KUBERAY_DIR / "raycluster.yaml",
+                            serve_config: Path = SERVE_CONFIG, overrides: Path = RAYSERVICE_OVERRIDES) -> str:
     """A KubeRay manifest with its generated fields filled in from their sources.
 
     rayClusterSpec (RayJob) and rayClusterConfig (RayService) <- raycluster.yaml's spec;
@@ -647,12 +654,12 @@ def render_kuberay_manifest(path: Path) -> str:
     """
     text = _load_text(path)
     doc = yaml.safe_load(text) or {}
-    spec_text = yaml.safe_dump(raycluster_spec(), sort_keys=False)
+    spec_text = yaml.safe_dump(raycluster_spec(raycluster), sort_keys=False)
     kind = doc.get("kind")
     if kind == "RayJob":
         text = _replace_block(text, "rayClusterSpec", spec_text, False, path)
     elif kind == "RayService":
-        text = _replace_block(text, "serveConfigV2", render_serve_config_v2(), True, path)
+        text = _replace_block(text, "serveConfigV2", render_serve_config_v2(serve_config, overrides), True, path)
         text = _replace_block(text, "rayClusterConfig", spec_text, False, path)
     else:
         raise ClusterError(f"{path}: nothing is generated in a {kind!r} manifest")
@@ -661,18 +668,20 @@ def render_kuberay_manifest(path: Path) -> str:
 
 def kuberay_drift(kuberay_dir: Path = KUBERAY_DIR) -> list[str]:
     """Generated manifests whose committed text differs from what render_kuberay_manifest gives ([] = in sync)."""
+    source = kuberay_dir / "raycluster.yaml"
     return [name for name in GENERATED_MANIFESTS
-            if render_kuberay_manifest(kuberay_dir / name) != _load_text(kuberay_dir / name)]
+            if render_kuberay_manifest(kuberay_dir / name, raycluster=source) != _load_text(kuberay_dir / name)]
 
 
-def serve_config_v2_diff(manifest: Path = KUBERAY_DIR / "rayservice.yaml") -> list[str]:
+def serve_config_v2_diff(manifest: Path = KUBERAY_DIR / "rayservice.yaml", serve_config: Path = SERVE_CONFIG,
+                         overrides: Path = RAYSERVICE_OVERRIDES) -> list[str]:
     """Field-level differences between the RayService's serveConfigV2 and serve/config.yaml (+ overrides)."""
     doc = _load_yaml(manifest, "RayService manifest")
     try:
         actual = yaml.safe_load(doc["spec"]["serveConfigV2"])
     except (KeyError, TypeError):
         raise ClusterError(f"{manifest} has no spec.serveConfigV2") from None
-    return _diff(serve_config_for_cluster(), actual, "serveConfigV2")
+    return _diff(serve_config_for_cluster(serve_config, overrides), actual, "serveConfigV2")
 
 
 def _diff(expected: Any, actual: Any, where: str) -> list[str]:
@@ -725,13 +734,13 @@ def main(argv: list[str] | None = None) -> int:
             print(text)
             return 0
         if args.check:
-            stale = kuberay_drift()
+            stale = kuberay_drift(KUBERAY_DIR)
             for name in stale:
                 print(f"{KUBERAY_DIR / name} is out of date: run python -m cost_dist.cluster render-kuberay")
             return 1 if stale else 0
         for name in GENERATED_MANIFESTS:
             path = KUBERAY_DIR / name
-            path.write_text(render_kuberay_manifest(path))
+            path.write_text(render_kuberay_manifest(path, raycluster=KUBERAY_DIR / "raycluster.yaml"))
             print(f"wrote {path}")
         return 0
     except CostDistError as exc:
