@@ -33,7 +33,8 @@ Worker side (inside `train_loop_per_worker`)
 - `all_gather_with_grad(t) -> Tensor`: rows of every worker concatenated in rank order; the gradient
   of the local rows flows back to their owner (torch.distributed.nn.functional.all_gather, whose
   backward sums the contributions of every rank). Identity when the world size is 1. Ranks may hold
-  different row counts (padded internally).
+  different row counts (padded internally). `all_gather_with_grad_and_offset(t)` also returns where
+  this rank's rows start in the result (the positives' index for InfoNCE).
 - `all_gather_no_grad(t)`, `all_reduce_mean(x)`, `all_reduce_sum(t)`, `broadcast_(t, src=0)`.
 - `dataset_shard_batches(name, batch_size, dtype=torch.float32, drop_last=False,
   shuffle_buffer=None, seed=None, column=None)`: batches (torch dicts, or one column's tensor) from
@@ -390,20 +391,26 @@ def _gather_sizes(n: int, device) -> list[int]:
 
 def all_gather_with_grad(t):
     """Concatenate every rank's rows (rank order); gradients flow back to each row's owner."""
+    return all_gather_with_grad_and_offset(t)[0]
+
+
+def all_gather_with_grad_and_offset(t):
+    """(all_gather_with_grad(t), index of this rank's first row in the result)."""
     import torch
     from torch.distributed.nn.functional import all_gather
 
     dist = _dist()
     if dist is None or dist.get_world_size() == 1:
-        return t
+        return t, 0
     sizes = _gather_sizes(t.shape[0], t.device)
+    offset = sum(sizes[: dist.get_rank()])
     biggest = max(sizes)
     padded = t
     if t.shape[0] < biggest:
         pad = t.new_zeros((biggest - t.shape[0], *t.shape[1:]))
         padded = torch.cat([t, pad], dim=0)
     parts = all_gather(padded)
-    return torch.cat([p[:n] for p, n in zip(parts, sizes)], dim=0)
+    return torch.cat([p[:n] for p, n in zip(parts, sizes)], dim=0), offset
 
 
 def all_gather_no_grad(t):
