@@ -4,8 +4,12 @@
 import sys
 from pathlib import Path
 
-# The job's working directory is the repository: import the shipped cost_dist, not an installed copy.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# `python jobs/x.py` puts jobs/ first on sys.path, where jobs/tokenize.py would shadow the standard
+# library's tokenize module (imported by logging). Put the repository root there instead, which also
+# imports the shipped cost_dist (the job's working directory) rather than an installed copy.
+_JOBS_DIR = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _JOBS_DIR]
+sys.path.insert(0, str(_JOBS_DIR.parent))
 
 from cost_dist.cli import job_main  # noqa: E402
 
