@@ -164,6 +164,7 @@ class EvaluateConfig:
     # Also score every item's full ID exactly (teacher forced) and compare with beam search.
     exact_check: bool = False
     exact_check_max_items: int = 20000
+    exact_check_max_users: int = 200  # test users scored exhaustively for the check
     max_users: int = 0  # 0 = every user
 
 
