@@ -1,0 +1,17 @@
+"""Run the generate stage (train the TIGER generator with Ray Train + DeepSpeed) alone as a Ray job (same flags and code path as jobs/full_pipeline.py).
+"""
+
+import sys
+from pathlib import Path
+
+# `python jobs/x.py` puts jobs/ first on sys.path, where jobs/tokenize.py would shadow the standard
+# library's tokenize module (imported by logging). Put the repository root there instead, which also
+# imports the shipped cost_dist (the job's working directory) rather than an installed copy.
+_JOBS_DIR = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _JOBS_DIR]
+sys.path.insert(0, str(_JOBS_DIR.parent))
+
+from cost_dist.cli import job_main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(job_main("generate"))
