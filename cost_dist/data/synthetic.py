@@ -149,28 +149,37 @@ class SyntheticWorld:
     def _item_chunk(self, chunk: int) -> dict[str, list]:
         start = chunk * ITEM_CHUNK
         stop = min(self.cfg.num_items, start + ITEM_CHUNK)
+        n = stop - start
         rng = np.random.default_rng([self.seed, 1, chunk])
-        ids, titles, categories, descriptions = [], [], [], []
         wpt = self.cfg.words_per_topic
-        # Topic words are drawn Zipf-like too, so each topic has a few signature words.
+        # Every draw for the chunk at once (vectorised); the loop below only joins strings.
+        # Topic words are drawn Zipf-like, so each topic has a few signature words.
         wprob = 1.0 / np.arange(1, wpt + 1)
-        wprob /= wprob.sum()
-        for idx in range(start, stop):
+        word_idx = rng.choice(wpt, size=(n, 14), p=wprob / wprob.sum())
+        n_title = rng.integers(2, 4, size=n)
+        filler_pos = (rng.random(n) * (n_title + 1)).astype(np.int64)
+        title_filler = rng.integers(len(TITLE_FILLERS), size=n)
+        model_no = rng.integers(10, 1000, size=n)
+        desc_len = rng.integers(8, 14, size=n)
+        desc_is_topic = rng.random((n, 13)) < 0.6
+        desc_filler = rng.integers(len(DESCRIPTION_FILLERS), size=(n, 13))
+        sub_word = rng.integers(2, wpt, size=n)
+        ids, titles, categories, descriptions = [], [], [], []
+        fillers_t = [f.capitalize() for f in TITLE_FILLERS]
+        for k in range(n):
+            idx = start + k
             topic = int(self.item_topic[idx])
             words = self.topic_words[topic]
-            tw = rng.choice(wpt, size=14, p=wprob)
-            n_title = int(rng.integers(2, 4))
-            title = [words[i].capitalize() for i in tw[:n_title]]
-            title.insert(int(rng.integers(0, n_title + 1)), TITLE_FILLERS[rng.integers(len(TITLE_FILLERS))].capitalize())
-            title.append(str(int(rng.integers(10, 1000))))
-            desc_len = int(rng.integers(8, 14))
-            is_topic = rng.random(desc_len) < 0.6
-            fillers = rng.integers(len(DESCRIPTION_FILLERS), size=desc_len)
-            desc = [words[tw[n_title + i % (14 - n_title)]] if is_topic[i] else DESCRIPTION_FILLERS[fillers[i]]
-                    for i in range(desc_len)]
+            tw = word_idx[k]
+            nt = int(n_title[k])
+            title = [words[i].capitalize() for i in tw[:nt]]
+            title.insert(int(filler_pos[k]), fillers_t[title_filler[k]])
+            title.append(str(int(model_no[k])))
+            desc = [words[tw[nt + i % (14 - nt)]] if desc_is_topic[k, i] else DESCRIPTION_FILLERS[desc_filler[k, i]]
+                    for i in range(int(desc_len[k]))]
             ids.append(self.item_id(idx))
             titles.append(" ".join(title))
-            categories.append(f"{self.topic_names[topic]} > {words[2 + int(rng.integers(0, wpt - 2))].capitalize()}")
+            categories.append(f"{self.topic_names[topic]} > {words[sub_word[k]].capitalize()}")
             descriptions.append(" ".join(desc).capitalize())
         return {"item_id": ids, "title": titles, "category": categories, "description": descriptions,
                 "topic": self.item_topic[start:stop]}

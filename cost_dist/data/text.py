@@ -5,6 +5,7 @@ The embedding stage embeds the `text` column of items.parquet; this module makes
 
 from __future__ import annotations
 
+import functools
 import html
 import re
 import string
@@ -59,16 +60,21 @@ _FORMATTER = string.Formatter()
 _END_PUNCT = (".", "!", "?")
 
 
+@functools.lru_cache(maxsize=64)
+def _segments(template: str) -> tuple:
+    try:
+        return tuple(_FORMATTER.parse(template))
+    except ValueError as exc:
+        raise DataError(f"text template {template!r} is malformed: {exc}") from None
+
+
 def render_text(fields: Mapping[str, Any], template: str, unescape_html: bool = True) -> str:
     """Fill `template` from `fields`; missing or null fields render empty, HTML entities are unescaped.
 
     A value that already ends a sentence ("... Torque.") swallows the template's own period after it,
     so the text never reads "Torque.." .
     """
-    try:
-        segments = list(_FORMATTER.parse(template))
-    except ValueError as exc:
-        raise DataError(f"text template {template!r} is malformed: {exc}") from None
+    segments = _segments(template)
     out: list[str] = []
     skip_period = False
     for literal, name, spec, conversion in segments:
@@ -79,12 +85,13 @@ def render_text(fields: Mapping[str, Any], template: str, unescape_html: bool = 
         if name is None:
             continue
         value = clean_value(fields.get(name), unescape_html)
-        try:
-            if conversion:
-                value = _FORMATTER.convert_field(value, conversion)
-            value = _FORMATTER.format_field(value, spec or "")
-        except (ValueError, TypeError) as exc:
-            raise DataError(f"text template {template!r}: field {name!r} cannot be formatted: {exc}") from None
+        if conversion or spec:
+            try:
+                if conversion:
+                    value = _FORMATTER.convert_field(value, conversion)
+                value = _FORMATTER.format_field(value, spec or "")
+            except (ValueError, TypeError) as exc:
+                raise DataError(f"text template {template!r}: field {name!r} cannot be formatted: {exc}") from None
         out.append(value)
         skip_period = value.endswith(_END_PUNCT)
     return _WHITESPACE.sub(" ", "".join(out)).strip()
