@@ -314,3 +314,22 @@ def test_bad_template_and_unknown_dataset(generic_files):
         prepare_dataset(DataConfig(dataset="netflix"))
     with pytest.raises(DataError, match=r"needs --path"):
         prepare_dataset(DataConfig(dataset="ml-100k"))
+
+
+def test_items_without_any_text_drop_or_error(tmp_path, generic_files):
+    inter, _ = generic_files
+    rows = ITEMS_JSONL.replace('"title": "Mug", "category": "Kitchen"', '"title": null, "category": "  "')
+    items = write(tmp_path / "notext.jsonl", rows)
+    data = prepare_dataset(generic_cfg(inter, items))
+    # d has neither title nor category: dropped, and so are the 2 interactions naming it.
+    assert data.stats["dropped"]["items_without_text"] == 1 and data.stats["dropped"]["unknown_items"] == 2
+    with pytest.raises(DataError, match=r"1 item\(s\) with no text \(every one of title, category is empty\).*'d'"):
+        prepare_dataset(generic_cfg(inter, items, on_bad_rows="error"))
+
+
+def test_repeat_interactions_are_kept_and_counted(tmp_path, generic_files):
+    _, items = generic_files
+    inter = write(tmp_path / "inter.csv", INTER_CSV + "u1,a,40\n")
+    data = prepare_dataset(generic_cfg(inter, items))
+    assert data.sequences.column("item_ids").to_pylist()[0] == ["a", "b", "c", "d", "a"]
+    assert data.stats["repeat_interactions"] == 1

@@ -1,12 +1,13 @@
 """Opt-in: load every dataset in ../shared/data and check the counts its README states.
 
-Run with:  COST_DIST_REALDATA=1 python -m pytest -m realdata tests/test_data_realdata.py -q
+Run with:  python -m pytest -m realdata tests/test_data_realdata.py -q   (or COST_DIST_REALDATA=1)
 (COST_DIST_DATA may point elsewhere than ../shared/data). Skipped by default: CI has no real data.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,8 @@ DATA = Path(os.environ.get("COST_DIST_DATA", Path(__file__).resolve().parents[2]
 
 pytestmark = [
     pytest.mark.realdata,
-    pytest.mark.skipif(not os.environ.get("COST_DIST_REALDATA"), reason="opt-in: COST_DIST_REALDATA=1 pytest -m realdata"),
+    pytest.mark.skipif(not (os.environ.get("COST_DIST_REALDATA") or "realdata" in " ".join(sys.argv)),
+                       reason="opt-in: pytest -m realdata (or COST_DIST_REALDATA=1)"),
 ]
 
 # dataset, folder, (users, items, interactions), sequence length (mean, median) — from each folder's README.

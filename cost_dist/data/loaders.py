@@ -217,6 +217,14 @@ def _categories_text(value: Any) -> str | None:
     return ", ".join(names)
 
 
+def _text_or_join(value: Any) -> str | None:
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        return " ".join(str(v) for v in value if v is not None)
+    return str(value)
+
+
 def _iter_lines(path: Path, role: str, bad: BadRows):
     with open_text(path) as f:
         data = f.read()
@@ -270,7 +278,7 @@ def load_amazon_2014(cfg: DataConfig, bad: BadRows) -> RawDataset:
             continue
         records.append({"item_id": str(rec["asin"]), "title": rec.get("title"), "brand": rec.get("brand"),
                         "categories": _categories_text(rec.get("categories")),
-                        "description": rec.get("description") if isinstance(rec.get("description"), str) else None})
+                        "description": _text_or_join(rec.get("description"))})
     bad.report("bad_json", len(bad_meta), f"{src_t}: {len(bad_meta)} line(s) are not a product record with an 'asin'",
                examples=[f"line {n}" for n in bad_meta])
     items = _string_table({k: [r[k] for r in records] for k in ["item_id", *fields]})

@@ -32,7 +32,8 @@ from cost_dist.data.splits import build_sequences, sort_interactions
 from cost_dist.data.stats import sequence_stats
 from cost_dist.data.synthetic import SyntheticWorld
 from cost_dist.data.text import DEFAULT_TEMPLATES, default_template, render_column
-from cost_dist.data.validate import (ROW, BadRows, dedupe_items, drop_null, drop_short_users, drop_unknown_items, kcore,
+from cost_dist.data.validate import (ROW, BadRows, dedupe_items, drop_items_without_text, drop_null, drop_short_users,
+                                     drop_unknown_items, kcore,
                                      require_rows, row_numbers)
 from cost_dist.errors import DataError
 from cost_dist.rundir import RunDir
@@ -99,6 +100,7 @@ def prepare_loaded(raw: RawDataset, cfg: DataConfig, bad: BadRows) -> PreparedDa
     require_rows(raw.items, raw.items_source)
     items = drop_null(raw.items, "item_id", bad, raw.items_source, "null_item_ids")
     items = dedupe_items(items, bad, raw.items_source)
+    items = drop_items_without_text(items, raw.text_fields, bad, raw.items_source)
     inter = raw.interactions.append_column(ROW, pa.array(np.arange(1, raw.interactions.num_rows + 1)))
     inter = drop_null(inter, "user_id", bad, raw.interactions_source, "null_user_ids")
     inter = drop_null(inter, "item_id", bad, raw.interactions_source, "null_item_ids")
@@ -124,15 +126,11 @@ def prepare_loaded(raw: RawDataset, cfg: DataConfig, bad: BadRows) -> PreparedDa
 
     template = template_for(cfg, raw.text_fields)
     null_text = {f: int(pc.sum(pc.is_null(items.column(f))).as_py() or 0) for f in raw.text_fields}
-    if raw.text_fields:
-        present = [pc.and_(pc.is_valid(items.column(f)), pc.not_equal(pc.utf8_trim_whitespace(items.column(f)), ""))
-                   for f in raw.text_fields]
-        any_text = present[0]
-        for p in present[1:]:
-            any_text = pc.or_(any_text, p)
-        without_text = items.num_rows - (pc.sum(pc.fill_null(any_text, False)).as_py() or 0)
-    else:
-        without_text = items.num_rows
+    for field, n_null in null_text.items():
+        if n_null:
+            log.info("%s: %d item(s) have no %r (rendered empty in the text)", raw.items_source, n_null, field)
+    without_text = 0 if raw.text_fields else items.num_rows
+    if not raw.text_fields:
         log.warning("%s: the items have no text fields; item text is the template %r", raw.items_source, template)
     items = items.append_column("text", render_column(items, template, cfg.unescape_html))
 
@@ -149,6 +147,7 @@ def prepare_loaded(raw: RawDataset, cfg: DataConfig, bad: BadRows) -> PreparedDa
         "text_template": template,
         "items_without_text": int(without_text),
         "null_text_values": {k: v for k, v in null_text.items() if v},
+        "repeat_interactions": inter.num_rows - inter.group_by(["user_id", "item_id"]).aggregate([]).num_rows,
         "dropped": dict(bad.counts),
         "raw": raw.raw_counts,
     }
@@ -183,6 +182,7 @@ def _synthetic_stats(cfg: DataConfig, template: str, lengths: np.ndarray, t_min:
         "text_template": template,
         "items_without_text": 0,
         "null_text_values": {},
+        "repeat_interactions": 0,  # the generator never repeats an item within a user while the topic has others
         "dropped": {},
         "raw": {"num_topics": cfg.synthetic.num_topics, "topic_stickiness": cfg.synthetic.topic_stickiness},
     }

@@ -101,6 +101,27 @@ def dedupe_items(items: pa.Table, bad: BadRows, source: str) -> pa.Table:
     return items.filter(pa.array(keep))
 
 
+def drop_items_without_text(items: pa.Table, text_fields: list[str], bad: BadRows, source: str) -> pa.Table:
+    """Items whose every text field is null or blank have nothing to embed: drop (counted) or error.
+
+    A dataset without any text field (e.g. Amazon P5 sequences) is not affected: its text is the id.
+    """
+    if not text_fields or items.num_rows == 0:
+        return items
+    has_text = None
+    for f in text_fields:
+        col = items.column(f)
+        present = pc.fill_null(pc.not_equal(pc.utf8_trim_whitespace(col), ""), False)
+        has_text = present if has_text is None else pc.or_(has_text, present)
+    n = items.num_rows - (pc.sum(has_text).as_py() or 0)
+    if n:
+        missing = pc.filter(items.column("item_id"), pc.invert(has_text)).to_pylist()
+        bad.report("items_without_text", n, f"{source}: {n} item(s) with no text (every one of {', '.join(text_fields)} is empty)",
+                   examples=missing)
+        items = items.filter(has_text)
+    return items
+
+
 def drop_unknown_items(interactions: pa.Table, item_ids: pa.Array | pa.ChunkedArray, bad: BadRows, source: str) -> pa.Table:
     """Drop interactions whose item is not in the catalog."""
     if isinstance(item_ids, pa.ChunkedArray):
