@@ -16,8 +16,10 @@ Driver side
   checkpoint of the earlier call (the loop sees it through `load_latest_checkpoint`). A pyarrow.fs
   URI (s3://, gs://) is passed through as the storage path. A `CostDistError` raised inside a worker
   (bad input, corrupt checkpoint) is re-raised on the driver as itself, not as a Ray error.
-- `latest_checkpoint_path(storage_uri, name) -> str | None`: the newest checkpoint folder of a run
-  (for driver-side checks and tools).
+- `latest_checkpoint_path(storage_uri, name) -> str | None`: the newest checkpoint folder of a local
+  run; `validate_checkpoint_dir(path)` loads each of its torch files. run_training checks the
+  checkpoint it would resume from this way first, so a damaged one is one clear `CheckpointError`
+  (naming the file) instead of a failing worker group.
 
 Worker side (inside `train_loop_per_worker`)
 --------------------------------------------
@@ -164,6 +166,10 @@ def run_training(
     if not ray.is_initialized():
         init_ray()
     storage_path, storage_fs = _storage(storage_uri)
+    # A damaged checkpoint would fail every restarted worker group: check it once, here, clearly.
+    latest = latest_checkpoint_path(storage_path, name)
+    if latest is not None:
+        validate_checkpoint_dir(latest)
     run_config = RunConfig(
         storage_path=storage_path,
         storage_filesystem=storage_fs,
@@ -225,6 +231,21 @@ def _find_own_error(exc: BaseException, depth: int = 0) -> CostDistError | None:
         if marker in text:
             return cls(text.split(marker, 1)[1].strip().splitlines()[0])
     return None
+
+
+def validate_checkpoint_dir(path: str) -> None:
+    """Load every torch file of a local checkpoint folder; CheckpointError naming the first bad one."""
+    import torch
+
+    root = Path(path)
+    if not (root / EXTRA_STATE_FILE).exists():
+        raise CheckpointError(f"checkpoint {root} has no {EXTRA_STATE_FILE}: incomplete; delete {root.parent} to start over")
+    for file in sorted(root.rglob("*.pt")):
+        try:
+            torch.load(file, map_location="cpu", weights_only=False)
+        except Exception as exc:  # torch raises many types for a damaged file
+            raise CheckpointError(f"checkpoint file {file} is corrupt ({type(exc).__name__}: {exc}); "
+                                  f"delete {root.parent} to start over") from None
 
 
 def latest_checkpoint_path(storage_uri: str, name: str) -> str | None:
