@@ -76,7 +76,7 @@ def test_generic_csv_and_jsonl(generic_files):
     assert texts["c"] == "Title: Kettle. Category: ."
     assert "z" not in texts  # unused item dropped, and counted
     assert data.stats["dropped"] == {"unused_items": 1}
-    assert data.stats["null_text_values"] == {"category": 1}
+    assert data.stats["empty_text_values"] == {"category": 1}
     assert data.stats["num_users"] == 2 and data.stats["num_items"] == 4 and data.stats["num_interactions"] == 7
 
 
@@ -184,7 +184,7 @@ def test_amazon_lcrec_layout(tmp_path):
     assert data.interactions.column("timestamp").to_pylist() == [0, 1, 2, 0, 1, 2, 3]
     items = {r["item_id"]: r for r in data.items.to_pylist()}
     assert items["0"]["text"].endswith('Description: Measures "exactly".')
-    assert items["1"]["description"] is None and data.stats["null_text_values"] == {"description": 1}
+    assert items["1"]["description"] is None and data.stats["empty_text_values"] == {"description": 2, "categories": 1}
 
 
 def test_mind_news_and_behaviors(tmp_path):

@@ -125,10 +125,13 @@ def prepare_loaded(raw: RawDataset, cfg: DataConfig, bad: BadRows) -> PreparedDa
         bad.counts["unused_items"] = bad.counts.get("unused_items", 0) + unused
 
     template = template_for(cfg, raw.text_fields)
-    null_text = {f: int(pc.sum(pc.is_null(items.column(f))).as_py() or 0) for f in raw.text_fields}
-    for field, n_null in null_text.items():
-        if n_null:
-            log.info("%s: %d item(s) have no %r (rendered empty in the text)", raw.items_source, n_null, field)
+    # Null or blank fields (an item keeps its other fields; the template renders the blank empty).
+    empty_text = {f: items.num_rows - int(pc.sum(pc.fill_null(pc.not_equal(pc.utf8_trim_whitespace(items.column(f)), ""),
+                                                             False)).as_py() or 0)
+                  for f in raw.text_fields}
+    for field, n_empty in empty_text.items():
+        if n_empty:
+            log.info("%s: %d item(s) have an empty %r (rendered empty in the text)", raw.items_source, n_empty, field)
     without_text = 0 if raw.text_fields else items.num_rows
     if not raw.text_fields:
         log.warning("%s: the items have no text fields; item text is the template %r", raw.items_source, template)
@@ -146,7 +149,7 @@ def prepare_loaded(raw: RawDataset, cfg: DataConfig, bad: BadRows) -> PreparedDa
         "text_fields": raw.text_fields,
         "text_template": template,
         "items_without_text": int(without_text),
-        "null_text_values": {k: v for k, v in null_text.items() if v},
+        "empty_text_values": {k: v for k, v in empty_text.items() if v},
         "repeat_interactions": inter.num_rows - inter.group_by(["user_id", "item_id"]).aggregate([]).num_rows,
         "dropped": dict(bad.counts),
         "raw": raw.raw_counts,
@@ -181,7 +184,7 @@ def _synthetic_stats(cfg: DataConfig, template: str, lengths: np.ndarray, t_min:
         "text_fields": ["title", "category", "description"],
         "text_template": template,
         "items_without_text": 0,
-        "null_text_values": {},
+        "empty_text_values": {},
         "repeat_interactions": 0,  # the generator never repeats an item within a user while the topic has others
         "dropped": {},
         "raw": {"num_topics": cfg.synthetic.num_topics, "topic_stickiness": cfg.synthetic.topic_stickiness},

@@ -62,6 +62,11 @@ def format_stats_table(stats: dict[str, Any]) -> str:
     rows.append(("text template", str(stats.get("text_template", ""))))
     if stats.get("items_without_text"):
         rows.append(("items without text", f"{stats['items_without_text']:,}"))
+    empty = stats.get("empty_text_values") or {}
+    if empty:
+        rows.append(("empty text fields", ", ".join(f"{k} {v:,}" for k, v in empty.items())))
+    if stats.get("repeat_interactions"):
+        rows.append(("repeat interactions", f"{stats['repeat_interactions']:,} (same user and item again; kept)"))
     dropped = stats.get("dropped") or {}
     rows.append(("dropped", ", ".join(f"{k} {v:,}" for k, v in dropped.items()) or "nothing"))
     raw = stats.get("raw") or {}
