@@ -125,6 +125,8 @@ class LocalAutoscalingCluster(_AutoscalingClusterBase):  # type: ignore[misc,val
         self._session: int | None = None
         self._config_file: str | None = None
         self._previous_current_cluster: str | None = None
+        self._config_args = (dict(head_resources), copy.deepcopy(worker_node_types),
+                             {"idle_timeout_minutes": idle_timeout_minutes, "upscaling_speed": upscaling_speed})
         super().__init__(head_resources=dict(head_resources), worker_node_types=copy.deepcopy(worker_node_types),
                          idle_timeout_minutes=idle_timeout_minutes, upscaling_speed=upscaling_speed)
 
@@ -153,8 +155,26 @@ class LocalAutoscalingCluster(_AutoscalingClusterBase):  # type: ignore[misc,val
     def config(self) -> dict[str, Any]:
         return copy.deepcopy(self._config)
 
-    def start(self, _system_config=None, override_env=None) -> str:
-        """Start the head (with the autoscaler) on free ports in its own process group; returns the GCS address."""
+    def start(self, _system_config=None, override_env=None, attempts: int = 3) -> str:
+        """Start the head (with the autoscaler) on free ports in a session of its own; returns the GCS address.
+
+        `ray start` gives the raylet a fixed 30 s to register, which a heavily loaded machine can
+        miss: a failed start is cleaned up and retried on fresh ports.
+        """
+        for attempt in range(1, attempts + 1):
+            try:
+                return self._start_once(_system_config, override_env)
+            except ClusterError as exc:
+                if attempt == attempts:
+                    raise
+                log.warning("autoscaling head did not start (attempt %d of %d), retrying on new ports: %s",
+                            attempt, attempts, str(exc).splitlines()[-1])
+                head, workers, kwargs = self._config_args
+                self.gcs_port = free_port()
+                self._config = self._generate_config(dict(head), copy.deepcopy(workers), **kwargs)
+        raise AssertionError("unreachable")
+
+    def _start_once(self, _system_config=None, override_env=None) -> str:
         import ray._private.services
         from ray._private.utils import get_ray_address_file
 
@@ -173,6 +193,7 @@ class LocalAutoscalingCluster(_AutoscalingClusterBase):  # type: ignore[misc,val
             f"--num-gpus={head.pop('GPU', 0)}",
             f"--object-store-memory={head.pop('object_store_memory', self.object_store_memory)}",
             "--include-dashboard=false",
+            f"--dashboard-port={free_port()}",  # checked even without the dashboard; 8265 may be taken
             f"--ray-client-server-port={free_port()}",
             f"--dashboard-agent-listen-port={free_port()}",
             f"--dashboard-agent-grpc-port={free_port()}",
@@ -206,7 +227,11 @@ class LocalAutoscalingCluster(_AutoscalingClusterBase):  # type: ignore[misc,val
         proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True)
         self._session = proc.pid
-        out, _ = proc.communicate(timeout=180)
+        try:
+            out, _ = proc.communicate(timeout=180)
+        except subprocess.TimeoutExpired:
+            self.shutdown()
+            raise ClusterError("`ray start --head` of the autoscaling cluster did not return in 180 s") from None
         if proc.returncode != 0:
             self.shutdown()
             raise ClusterError(f"`ray start --head` of the autoscaling cluster failed (exit {proc.returncode}):\n{out[-3000:]}")
@@ -294,7 +319,8 @@ class NodeTimeline:
 
     def stop(self) -> None:
         self._stop.set()
-        self._thread.join(timeout=10)
+        if self._thread.is_alive():
+            self._thread.join(timeout=10)
 
     def mark(self, name: str) -> None:
         self.marks[name] = round(time.time() - self.t0, 2)
@@ -304,8 +330,9 @@ class NodeTimeline:
 
         alive = [n for n in ray.nodes() if n.get("Alive")]
         workers = [n for n in alive if not _is_head(n)]
+        gpu_workers = [n for n in workers if n.get("Resources", {}).get("GPU", 0) > 0]
         point = {"t": round(time.time() - self.t0, 2), "nodes": len(alive), "workers": len(workers),
-                 "worker_cpus": sum(n.get("Resources", {}).get("CPU", 0) for n in workers)}
+                 "cpu_workers": len(workers) - len(gpu_workers), "gpu_workers": len(gpu_workers)}
         self.samples.append(point)
         return point
 
@@ -321,7 +348,8 @@ class NodeTimeline:
         """The samples where the node count changed (plus the first and last)."""
         out: list[dict[str, Any]] = []
         for i, s in enumerate(self.samples):
-            if i == 0 or i == len(self.samples) - 1 or s["nodes"] != self.samples[i - 1]["nodes"]:
+            if i == 0 or i == len(self.samples) - 1 or any(
+                    s[k] != self.samples[i - 1][k] for k in ("nodes", "cpu_workers", "gpu_workers")):
                 out.append(s)
         return out
 
@@ -384,22 +412,25 @@ def _run_ray_data_stage(cfg, run_uri: str) -> dict[str, Any]:
 
 def autoscale_demo(stage: str = "embed", idle_timeout_minutes: float = 0.2, worker_cpus: int = 2,
                    scale_down_timeout_s: float = 150.0, run_uri: str | None = None) -> dict[str, Any]:
-    """Run a small stage on a head with `CPU: 0` and one autoscaling CPU worker type (min 0).
+    """Run a small stage on a head with `CPU: 0` and autoscaling CPU and GPU worker types (min 0).
 
+    As in cluster/ray-cluster.yaml: the CPU-only stage should bring up a `cpu_worker` (the
+    autoscaler keeps GPU nodes for GPU work; the fake `gpu_worker` only advertises a GPU resource).
     Returns the node timeline and the moments the worker came, the stage finished and the worker went.
     """
     import ray
 
-    cluster = LocalAutoscalingCluster(
-        head_resources={"CPU": 0},
-        worker_node_types={"cpu_worker": {"resources": {"CPU": worker_cpus}, "min_workers": 0, "max_workers": 1,
-                                          "node_config": {}}},
-        idle_timeout_minutes=idle_timeout_minutes,
-    )
+    worker_types = {
+        "cpu_worker": {"resources": {"CPU": worker_cpus}, "min_workers": 0, "max_workers": 1, "node_config": {}},
+        "gpu_worker": {"resources": {"CPU": worker_cpus, "GPU": 1}, "min_workers": 0, "max_workers": 1, "node_config": {}},
+    }
+    cluster = LocalAutoscalingCluster(head_resources={"CPU": 0}, worker_node_types=worker_types,
+                                      idle_timeout_minutes=idle_timeout_minutes)
     cfg = demo_config()
     result: dict[str, Any] = {"stage": stage, "idle_timeout_minutes": idle_timeout_minutes,
                               "head_resources": {"CPU": 0},
-                              "worker_type": {"cpu_worker": {"CPU": worker_cpus, "min_workers": 0, "max_workers": 1}},
+                              "worker_types": {name: {**t["resources"], "min_workers": 0, "max_workers": 1}
+                                               for name, t in worker_types.items()},
                               "stage_resources": {"embed": dict(vars(cfg.resources.embed))}}
     tmp = tempfile.TemporaryDirectory(prefix="cost-dist-autoscale-")
     t0 = time.time()
@@ -435,6 +466,8 @@ def autoscale_demo(stage: str = "embed", idle_timeout_minutes: float = 0.2, work
         "timeline": timeline.changes(),
         "num_samples": len(samples),
         "max_workers_seen": max((s["workers"] for s in samples), default=0),
+        "max_cpu_workers_seen": max((s["cpu_workers"] for s in samples), default=0),
+        "max_gpu_workers_seen": max((s["gpu_workers"] for s in samples), default=0),
         "worker_added_s": added,
         "stage_start_s": timeline.marks.get("stage_start"),
         "stage_done_s": timeline.marks.get("stage_done"),
@@ -720,6 +753,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", help="also write the JSON here")
     p = sub.add_parser("render-kuberay", help="regenerate the generated fields of cluster/kuberay/rayjob.yaml and rayservice.yaml")
     p.add_argument("--check", action="store_true", help="only report manifests that are out of date (exit 1 if any)")
+    p = sub.add_parser("serve-config", help="print serve/config.yaml as the cluster runs it (serve-overrides.yaml applied): "
+                                            "the RayService's serveConfigV2, or a file for `serve deploy`")
+    p.add_argument("--run", help="the run to serve on the cluster (replaces args.run of every application)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -732,6 +768,13 @@ def main(argv: list[str] | None = None) -> int:
             if args.out:
                 Path(args.out).write_text(text)
             print(text)
+            return 0
+        if args.command == "serve-config":
+            config = serve_config_for_cluster()
+            for app in config["applications"]:
+                if args.run:
+                    app.setdefault("args", {})["run"] = args.run
+            print(yaml.safe_dump(config, sort_keys=False), end="")
             return 0
         if args.check:
             stale = kuberay_drift(KUBERAY_DIR)
