@@ -333,3 +333,17 @@ def test_repeat_interactions_are_kept_and_counted(tmp_path, generic_files):
     data = prepare_dataset(generic_cfg(inter, items))
     assert data.sequences.column("item_ids").to_pylist()[0] == ["a", "b", "c", "d", "a"]
     assert data.stats["repeat_interactions"] == 1
+
+
+def test_malformed_files_are_one_line_errors(tmp_path, generic_files):
+    inter, items = generic_files
+    ragged = write(tmp_path / "ragged.csv", "user_id,item_id,timestamp\nu1,a,1\nu1,b,2,extra\n")
+    with pytest.raises(DataError, match=r"ragged.csv cannot be read as csv") as info:
+        prepare_dataset(generic_cfg(ragged, items))
+    assert "\n" not in str(info.value)
+    unknown = write(tmp_path / "inter.txt", "whatever")
+    with pytest.raises(DataError, match=r"cannot tell the file format"):
+        prepare_dataset(generic_cfg(unknown, items))
+    broken_gz = write(tmp_path / "inter.csv.gz", b"not gzip at all")
+    with pytest.raises(DataError, match=r"inter.csv.gz cannot be read"):
+        prepare_dataset(generic_cfg(broken_gz, items))

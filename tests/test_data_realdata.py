@@ -7,7 +7,6 @@ Run with:  python -m pytest -m realdata tests/test_data_realdata.py -q   (or COS
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,11 +16,15 @@ from cost_dist.data.prepare import prepare_dataset
 
 DATA = Path(os.environ.get("COST_DIST_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
-pytestmark = [
-    pytest.mark.realdata,
-    pytest.mark.skipif(not (os.environ.get("COST_DIST_REALDATA") or "realdata" in " ".join(sys.argv)),
-                       reason="opt-in: pytest -m realdata (or COST_DIST_REALDATA=1)"),
-]
+pytestmark = pytest.mark.realdata
+
+
+@pytest.fixture(autouse=True)
+def _opt_in(request):
+    """Run only when asked: `-m realdata` (a marker expression selecting it) or COST_DIST_REALDATA=1."""
+    expr = request.config.getoption("markexpr") or ""
+    if not (os.environ.get("COST_DIST_REALDATA") or ("realdata" in expr and "not realdata" not in expr)):
+        pytest.skip("opt-in: pytest -m realdata (or COST_DIST_REALDATA=1)")
 
 # dataset, folder, (users, items, interactions), sequence length (mean, median) — from each folder's README.
 EXPECTED = [
