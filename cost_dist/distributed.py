@@ -91,9 +91,14 @@ def init_ray(num_cpus: int | None = None, address: str | None = None) -> None:
       `ray.init()` joins that cluster and inherits the job's runtime_env (working_dir, env_vars).
       Ray refuses to merge a driver runtime_env that repeats a key of the job's, so only the worker
       variables the job did not set are added.
-    - With `address` or RAY_ADDRESS set (e.g. `RAY_ADDRESS=auto`), join that cluster.
-    - Otherwise start a new local cluster (`address="local"`): a bare `ray.init()` would join whatever
-      cluster the last `ray start` on this machine recorded in /tmp/ray/ray_current_cluster.
+    - With `address` (other than "local") or RAY_ADDRESS set, join that cluster.
+    - Otherwise, or with address="local", start a new local cluster: a bare `ray.init()` would join
+      whatever cluster the last `ray start` on this machine recorded in /tmp/ray/ray_current_cluster.
+
+    Workers also get RAY_ADDRESS = this cluster's GCS: Ray Train's PlacementGroupCleaner queries the
+    state API with no address, which otherwise resolves through /tmp/ray/ray_current_cluster, i.e.
+    possibly another cluster on the same machine, where our controller "does not exist" and our
+    placement group would be removed mid-training.
     """
     import json
 
@@ -105,18 +110,42 @@ def init_ray(num_cpus: int | None = None, address: str | None = None) -> None:
         os.environ.setdefault(key, value)
     env_vars = {k: os.environ.get(k, v) for k, v in WORKER_ENV_VARS.items()}
     job_config = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
-    if job_config:
+    env_address = os.environ.get("RAY_ADDRESS", "")
+    if job_config and address is None:
         job_env = (json.loads(job_config).get("runtime_env") or {}).get("env_vars") or {}
+        if _is_gcs_address(env_address):
+            env_vars["RAY_ADDRESS"] = env_address
         extra = {k: v for k, v in env_vars.items() if k not in job_env}
-        log.info("joining the Ray cluster of this job at %s", os.environ.get("RAY_ADDRESS", "auto"))
+        log.info("joining the Ray cluster of this job at %s", env_address or "auto")
         ray.init(runtime_env={"env_vars": extra} if extra else None, log_to_driver=True)
-    elif address or os.environ.get("RAY_ADDRESS"):
-        target = address or os.environ["RAY_ADDRESS"]
+    elif (address and address != "local") or (address is None and env_address):
+        target = address or env_address
+        if _is_gcs_address(target):
+            env_vars["RAY_ADDRESS"] = target
         log.info("joining Ray cluster at %s", target)
         ray.init(address=target, runtime_env={"env_vars": env_vars}, log_to_driver=True)
     else:
+        import socket
+
+        with socket.socket() as sock:  # a free port for the GCS, so workers can be told where it is
+            sock.bind(("127.0.0.1", 0))
+            gcs_port = sock.getsockname()[1]
+        env_vars["RAY_ADDRESS"] = f"127.0.0.1:{gcs_port}"
         log.info("starting a local Ray cluster (num_cpus=%s)", num_cpus or "all")
-        ray.init(address="local", num_cpus=num_cpus, runtime_env={"env_vars": env_vars}, log_to_driver=True)
+        previous = os.environ.get("RAY_GCS_SERVER_PORT")
+        os.environ["RAY_GCS_SERVER_PORT"] = str(gcs_port)  # read by ray.init when it starts the GCS
+        try:
+            ray.init(address="local", num_cpus=num_cpus, runtime_env={"env_vars": env_vars}, log_to_driver=True)
+        finally:
+            if previous is None:
+                os.environ.pop("RAY_GCS_SERVER_PORT", None)
+            else:
+                os.environ["RAY_GCS_SERVER_PORT"] = previous
+
+
+def _is_gcs_address(address: str) -> bool:
+    """host:port (what RAY_ADDRESS holds inside a job), not "auto", "local" or a ray:// client URL."""
+    return bool(address) and "://" not in address and address.rpartition(":")[2].isdigit()
 
 
 # --------------------------------------------------------------------------------------------------
