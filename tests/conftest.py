@@ -20,14 +20,14 @@ TINY_CONFIG = REPO / "tests" / "tiny.yaml"
 def ray_session():
     """A real local Ray cluster shared by the tests of this session (4 logical CPUs on 2 cores).
 
-    address="local" starts a private cluster: a bare ray.init() would join whatever cluster the last
-    `ray start` on this machine recorded (another test's head, another user's).
+    init_ray(address="local") starts a private cluster (a bare ray.init() would join whatever cluster
+    the last `ray start` on this machine recorded) and tells its workers its GCS address.
     """
     import ray
 
-    if not ray.is_initialized():
-        ray.init(address="local", num_cpus=4,
-                 runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}})
+    from cost_dist.distributed import init_ray
+
+    init_ray(num_cpus=4, address="local")
     yield ray
     ray.shutdown()
 
