@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 from typing import Any
 
-from cost_dist.errors import CostDistError, DataError
+from cost_dist.errors import DataError
 
 PREPARE_EPILOG = """\
 datasets and what --path must hold (.gz versions of every file are read too):
@@ -173,6 +172,3 @@ def _cmd_stats(args: argparse.Namespace) -> int:
     stats = _read_stats(args.dir)
     print(json.dumps(stats, indent=2) if args.json else format_stats_table(stats))
     return 0
-
-
-__all__ = ["register", "config_from_args", "CostDistError"]

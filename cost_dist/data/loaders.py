@@ -12,7 +12,6 @@ import ast
 import glob
 import json
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable

@@ -11,9 +11,8 @@ import gzip
 import io
 import json
 import logging
-import os
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable
 
 import numpy as np
 import pyarrow as pa
