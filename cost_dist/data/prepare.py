@@ -249,16 +249,18 @@ def _rel(prefix: str, name: str) -> str:
     return f"{prefix.strip('/')}/{name}" if prefix else name
 
 
-def write_prepared(run: RunDir, data: PreparedData, prefix: str = "") -> None:
-    """Write the four outputs (atomically each; stats.json last)."""
+def write_prepared(run: RunDir | str, data: PreparedData, prefix: str = "") -> None:
+    """Write the four outputs under RUN/prefix/ (atomically each; stats.json last). run: a RunDir or a path/URI."""
+    run = RunDir(run) if isinstance(run, str) else run
     run.write_parquet(_rel(prefix, "items.parquet"), data.items)
     run.write_parquet(_rel(prefix, "interactions.parquet"), data.interactions)
     run.write_parquet(_rel(prefix, "sequences.parquet"), data.sequences)
     run.write_json(_rel(prefix, "stats.json"), data.stats)
 
 
-def prepare_to(run: RunDir, data_cfg: DataConfig, seed: int = 0, prefix: str = "") -> dict[str, Any]:
+def prepare_to(run: RunDir | str, data_cfg: DataConfig, seed: int = 0, prefix: str = "") -> dict[str, Any]:
     """Prepare a dataset and write it under RUN/prefix/; returns the stats. Synthetic data is streamed."""
+    run = RunDir(run) if isinstance(run, str) else run
     check_data_config(data_cfg)
     if data_cfg.dataset != "synthetic":
         data = prepare_dataset(data_cfg, seed)
