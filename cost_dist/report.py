@@ -22,6 +22,9 @@ log = logging.getLogger(__name__)
 STAGE_ORDER = ("prepare", "embed", "tokenize", "assign", "generate", "evaluate")
 METHOD_ORDER = ("cost-dist", "sasrec", "dense", "pop")
 _AT_K = re.compile(r"^(recall|ndcg|hit|mrr)@(\d+)$")
+# History columns that are bookkeeping, not training curves.
+_NOT_CURVES = {"epoch", "step", "steps", "samples", "samples_per_s", "wall_s", "time_s", "lr", "level",
+               "dead_codes_reseeded"}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -96,19 +99,21 @@ def _code_usage(diagnostics: Any) -> dict[str, list[float]]:
     if not isinstance(diagnostics, dict):
         return out
     for key, value in diagnostics.items():
+        if key in _NOT_CURVES:
+            continue
         if isinstance(value, list) and value and all(_is_number(v) for v in value):
             out[key] = [float(v) for v in value]
         elif isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
             for sub in value[0]:
                 vals = [v.get(sub) for v in value]
-                if all(_is_number(v) for v in vals):
+                if sub not in _NOT_CURVES and all(_is_number(v) for v in vals):
                     out[f"{key}.{sub}"] = [float(v) for v in vals]
         elif isinstance(value, dict) and value and all(isinstance(v, dict) for v in value.values()):
             # {"level_0": {...}, "level_1": {...}}
             levels = list(value.values())
             for sub in levels[0]:
                 vals = [v.get(sub) for v in levels]
-                if all(_is_number(v) for v in vals):
+                if sub not in _NOT_CURVES and all(_is_number(v) for v in vals):
                     out[f"{key}.{sub}"] = [float(v) for v in vals]
     return out
 
@@ -223,7 +228,7 @@ def plot_history(history: Any, title: str) -> bytes | None:
     from matplotlib.ticker import MaxNLocator
 
     losses = {k: v for k, v in series.items() if "loss" in k.lower()}
-    others = {k: v for k, v in series.items() if k not in losses and k not in ("lr", "time_s", "wall_s")}
+    others = {k: v for k, v in series.items() if k not in losses and k not in _NOT_CURVES}
     panels = [p for p in (losses, others) if p]
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 3.8), squeeze=False)
     for ax, panel, ylabel in zip(axes[0], panels, ("loss", "value")):
