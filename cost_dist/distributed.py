@@ -28,7 +28,7 @@ Worker side (inside `train_loop_per_worker`)
   warmup_steps=0, schedule="constant", betas=(0.9, 0.999)) -> DeepSpeedEngine`: `deepspeed.initialize`
   with cost_dist/configs/deepspeed.json (or `ds_section.config_file`) plus the section's overrides:
   ZeRO stage, precision ("auto" = fp32 on CPU, bf16 on CUDA when supported else fp16), gradient
-  clipping, AdamW (`torch_adam` on CPU so nothing is compiled), and an LR schedule (a torch LambdaLR
+  clipping, AdamW (`torch_adam`, so nothing is JIT-compiled on CPU or GPU), and an LR schedule (a torch LambdaLR
   handed to DeepSpeed: linear warmup then "constant", "cosine" to 0 at total_steps, or
   "inverse_sqrt"). The same code runs on CPU/gloo and CUDA/NCCL. `engine_dtype(engine)` tells the
   dtype inputs must have.
@@ -363,8 +363,6 @@ def lr_lambda(schedule: str, warmup_steps: int, total_steps: int | None) -> Call
 def deepspeed_config(ds_section: Any, lr: float, weight_decay: float, micro_batch_size: int,
                      betas: tuple[float, float] = (0.9, 0.999)) -> dict:
     """The repo's DeepSpeed JSON config with this section's overrides applied."""
-    import torch
-
     path = DEFAULT_DEEPSPEED_CONFIG if ds_section.config_file in (None, "", "default") else Path(ds_section.config_file)
     try:
         config = json.loads(Path(path).read_text())
@@ -387,8 +385,9 @@ def deepspeed_config(ds_section: Any, lr: float, weight_decay: float, micro_batc
     config["optimizer"] = {
         "type": "AdamW",
         "params": {"lr": float(lr), "weight_decay": float(weight_decay), "betas": list(betas),
-                   # FusedAdam needs a C++/CUDA build; plain torch AdamW on CPU is as fast for our sizes.
-                   "torch_adam": not torch.cuda.is_available()},
+                   # DeepSpeed's FusedAdam is JIT-compiled (C++ on CPU, nvcc on GPU images that may
+                   # lack the CUDA toolkit); torch's AdamW needs no build and is as fast at our sizes.
+                   "torch_adam": True},
     }
     return config
 

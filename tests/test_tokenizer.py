@@ -205,3 +205,18 @@ def test_semantic_tokenizer_wrong_size_nan_and_corrupt_checkpoint(tmp_path):
         SemanticTokenizer.load(run)
     with pytest.raises(CheckpointError, match="run the tokenize stage"):
         SemanticTokenizer.load(RunDir(str(tmp_path / "empty")))
+
+
+def test_shared_codebook_is_one_table_for_every_level():
+    torch.manual_seed(0)
+    model = RQVAE(input_dim=8, hidden_dims=[16], latent_dim=4, num_levels=3, codebook_size=4, shared_codebook=True)
+    assert tuple(model.quantizer.codebooks.shape) == (1, 4, 4)
+    batch = torch.randn(40, 8)
+    kmeans_init_distributed(model, batch, TokenizerConfig(kmeans_init_iters=10, shared_codebook=True), seed=0)
+    z = model.encoder(batch).detach().numpy()
+    np.testing.assert_allclose(model.quantizer.codebooks[0].detach().numpy(), kmeans_centroids(z, 4, 10, 0), atol=1e-6)
+    out = model(batch)
+    assert out["codes"].shape == (40, 3) and int(out["codes"].max()) < 4
+    # z_q is the sum of the picked rows of the one table.
+    book = model.quantizer.codebooks[0].detach()
+    torch.testing.assert_close(out["z_q"].detach(), book[out["codes"]].sum(1), rtol=1e-5, atol=1e-5)

@@ -38,7 +38,7 @@ def quantizer_loss(x: torch.Tensor, out: dict[str, torch.Tensor], kind: str, alp
     total = out["loss_rq"]
     x_hat = out["x_hat"]
     if "re" in kind.split("+"):
-        parts["loss_re"] = F.mse_loss(x_hat.float(), x.float())
+        parts["loss_re"] = (x_hat.float() - x.float()).pow(2).sum(-1).mean()
         total = total + parts["loss_re"]
     if "co" in kind.split("+"):
         candidates, offset = gather(x_hat) if gather is not None else (x_hat, 0)

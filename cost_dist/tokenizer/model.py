@@ -30,6 +30,11 @@ def mlp(dims: Sequence[int]) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
+def sq_dist(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Mean over rows of the squared L2 distance ||a - b||^2 (the paper's norms; not a per-element mean)."""
+    return (a.float() - b.float()).pow(2).sum(-1).mean()
+
+
 def nearest_code(residual: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
     """Index of the nearest code vector (squared L2) for every row; ties go to the lowest index."""
     dist = (residual.pow(2).sum(-1, keepdim=True) - 2.0 * residual @ codebook.t() + codebook.pow(2).sum(-1)[None, :])
@@ -76,7 +81,7 @@ class ResidualQuantizer(nn.Module):
             idx = nearest_code(residual.detach(), book.detach())
             e = book[idx]
             # L_rq: codebook term pulls e to sg(r), commitment term pulls r to sg(e).
-            loss_rq = loss_rq + F.mse_loss(e, residual.detach()) + self.beta * F.mse_loss(residual, e.detach())
+            loss_rq = loss_rq + sq_dist(e, residual.detach()) + self.beta * sq_dist(residual, e.detach())
             residuals.append(residual)
             codes.append(idx)
             quantized = quantized + e.detach()
