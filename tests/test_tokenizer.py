@@ -43,17 +43,17 @@ def test_quantizer_loss_kinds_combine_terms_as_configured():
     x = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
     x_hat = torch.tensor([[0.5, 0.5], [0.0, 2.0]])
     out = {"x_hat": x_hat, "loss_rq": torch.tensor(0.3)}
-    mse = float(((x_hat - x) ** 2).mean())  # (0.25 + 0.25 + 0 + 1) / 4
-    assert mse == pytest.approx(0.375)
+    mse = float(((x_hat - x) ** 2).sum(-1).mean())  # squared norms (0.25 + 0.25, 0 + 1), mean over rows
+    assert mse == pytest.approx(0.75)
     nce = float(info_nce(x, x_hat, 0, 0.1))
     re = quantizer_loss(x, out, "re", alpha=0.1, tau=0.1)
     co = quantizer_loss(x, out, "co", alpha=0.1, tau=0.1)
     both = quantizer_loss(x, out, "re+co", alpha=0.1, tau=0.1)
-    assert float(re["loss"]) == pytest.approx(0.375 + 0.3)
+    assert float(re["loss"]) == pytest.approx(0.75 + 0.3)
     assert "loss_co" not in re
     assert float(co["loss"]) == pytest.approx(0.1 * nce + 0.3, rel=1e-6)
     assert "loss_re" not in co
-    assert float(both["loss"]) == pytest.approx(0.375 + 0.1 * nce + 0.3, rel=1e-6)
+    assert float(both["loss"]) == pytest.approx(0.75 + 0.1 * nce + 0.3, rel=1e-6)
     with pytest.raises(CostDistError, match="tokenizer.loss"):
         quantizer_loss(x, out, "mse", alpha=0.1, tau=0.1)
 
@@ -70,7 +70,7 @@ def test_rq_loss_codes_and_straight_through_by_hand():
     e1 = torch.tensor([1.0, 0.0])
     r1 = r0 - e1
     e2 = torch.tensor([0.1, 0.0])
-    per_level = [((r - e) ** 2).mean() * (1 + 0.25) for r, e in ((r0, e1), (r1, e2))]
+    per_level = [((r - e) ** 2).sum() * (1 + 0.25) for r, e in ((r0, e1), (r1, e2))]
     assert float(out["loss_rq"].detach()) == pytest.approx(float(sum(per_level)), rel=1e-6)
     # Straight-through: z_q has the quantized value and the gradient of the identity.
     assert torch.allclose(out["z_q"], (e1 + e2)[None])

@@ -6,6 +6,10 @@ the positive is the row's own reconstruction, similarity is cosine / tau. Each w
 mean over its local rows; DeepSpeed averages the gradients over workers and the gather's backward
 sums every worker's contribution into the row's owner, so N workers x B rows give the loss and
 gradients of one worker with the N*B rows (see cost_dist.distributed).
+
+"MSE" and L_rq use squared L2 norms per row (the paper's ||.||^2), averaged over rows: a mean over
+elements would scale the reconstruction of a d=384 embedding down by 1/d, and the commitment term
+then collapses the latents onto a handful of codes.
 """
 
 from __future__ import annotations
