@@ -180,6 +180,10 @@ class ServeConfig:
     max_request_items: int = 256  # items per /tokenize or /items request
     max_request_bytes: int = 1_048_576  # request bodies over this are refused (413) before parsing
     beam_size: int = 20
+    # TIGER's cold-start rule for items added at serving time (the generator never trained on their
+    # suffix): at most ceil(fraction * k) of them enter a top-k, each right after the best-ranked
+    # item sharing its M-code prefix, with that item's score. 0 = only what beam search finds.
+    cold_start_fraction: float = 0.1
 
 
 @dataclass

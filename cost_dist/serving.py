@@ -20,10 +20,9 @@ Bad input never reaches the models: the pydantic models and limits below answer 
 the form {"error": message, "field": dotted.field.name} (unknown routes too).
 """
 
-from __future__ import annotations
-
 import asyncio
 import logging
+import math
 import os
 import threading
 import time
@@ -35,11 +34,16 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError
 from ray import serve
+from ray.exceptions import ActorUnavailableError, RayActorError
+from ray.serve.exceptions import BackPressureError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cost_dist.config import Config, ConfigError
 from cost_dist.errors import CheckpointError, CostDistError
 from cost_dist.rundir import RunDir
+
+# No `from __future__ import annotations` here: Serve's ingress rebuilds the FastAPI routes in the
+# replica, where string annotations of the request models would stay unresolved forward references.
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +73,7 @@ class AppArgs(BaseModel):
     # Where items added through POST /items are persisted: a RunDir-style path/URI of a JSON file, or
     # "none" to keep them in memory only (lost when the AddedItemsLog replica restarts).
     added_items: str | None = None
+    cold_start_fraction: float | None = Field(default=None, ge=0, le=1)
     # A fixed replica count for Ingress, Tokenizer and Recommender instead of autoscaling (benchmarks).
     replicas: int | None = Field(default=None, ge=1)
 
@@ -204,6 +209,16 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
     if exc.status_code == 405:
         return _error(405, f"method {request.method} not allowed on {request.url.path}", "method")
     return _error(exc.status_code, str(exc.detail), None)
+
+
+@api.exception_handler(RayActorError)
+@api.exception_handler(ActorUnavailableError)
+@api.exception_handler(BackPressureError)
+async def _unavailable(request: Request, exc: Exception) -> JSONResponse:
+    """A replica that died mid-request (Serve replaces it) or a full queue: 503, the client may retry."""
+    log.warning("%s %s: a deployment was unavailable: %s", request.method, request.url.path, type(exc).__name__)
+    return JSONResponse(status_code=503, headers={"Retry-After": "1"},
+                        content={"error": f"service temporarily unavailable ({type(exc).__name__}); retry", "field": None})
 
 
 @api.exception_handler(ApiError)
@@ -407,7 +422,7 @@ class Recommender:
     """The generator's batched constrained beam search. One batch = one call of Recommender.recommend."""
 
     def __init__(self, run_uri: str, added_log, max_batch_size: int, batch_wait_timeout_s: float,
-                 beam_size: int, device: str | None):
+                 beam_size: int, cold_start_fraction: float, device: str | None):
         from cost_dist.generator.inference import Recommender as Model
 
         self.run = RunDir(run_uri)
@@ -415,6 +430,10 @@ class Recommender:
         self.added_log = added_log
         self.applied = 0  # log position up to which added items are applied
         self.refused: dict[str, str] = {}  # added items the model could not take, with the reason
+        # Added (cold-start) items by their M-code prefix, in log order.
+        self.cold_by_prefix: dict[tuple[int, ...], list[str]] = {}
+        self.cold_start_fraction = cold_start_fraction
+        self.num_levels = self.model.vocab.num_levels
         self.beam_size = beam_size
         self._lock = threading.Lock()  # model state (catalog extension) vs. beam search in a worker thread
         self.recommend.set_max_batch_size(max_batch_size)
@@ -450,8 +469,38 @@ class Recommender:
                     except CostDistError as exc:
                         self.refused[e["item_id"]] = str(exc)
                         log.warning("Recommender: added item %r refused: %s", e["item_id"], exc)
+            for e in entries:
+                if e["item_id"] not in self.refused:
+                    self.cold_by_prefix.setdefault(tuple(e["codes"]), []).append(e["item_id"])
             self.applied = entries[-1]["seq"] + 1
         log.info("Recommender: applied added items up to log position %d", self.applied)
+
+    def _with_cold_start(self, ranked: list[tuple[str, float]], k: int, skip: set[str]) -> list[tuple[str, float, str]]:
+        """TIGER's cold-start rule on a generated ranking -> (item, score, source), at most k entries.
+
+        The generator never trained on the suffix of an item added at serving time, so beam search
+        ranks it by a suffix token that meant another item in training: it rarely surfaces however
+        well its codes fit. As in TIGER, an added item whose M-code prefix the generator ranks high is
+        recommended with that prefix: it enters right after the best-ranked item sharing the prefix,
+        with that item's score, and at most ceil(cold_start_fraction * k) such items enter a top-k.
+        """
+        budget = math.ceil(self.cold_start_fraction * k) if self.cold_by_prefix else 0
+        out: list[tuple[str, float, str]] = []
+        placed: set[str] = set()
+        for item_id, score in ranked:
+            if item_id in placed:
+                continue
+            out.append((item_id, score, "generator"))
+            placed.add(item_id)
+            if budget <= 0:
+                continue
+            prefix = self.model.semantic_id(item_id)[: self.num_levels]
+            for cold in self.cold_by_prefix.get(tuple(prefix), ()):
+                if budget > 0 and cold not in placed and cold not in skip:
+                    out.append((cold, score, "cold_start"))
+                    placed.add(cold)
+                    budget -= 1
+        return out[:k]
 
     def _recommend_batch(self, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
         with self._lock:
@@ -475,13 +524,15 @@ class Recommender:
                 ranked = model.recommend([results[i]["known"] for i in idx], [requests[i]["user_id"] for i in idx],
                                          k=k_max, beam_size=beam, exclude_seen=exclude_seen)
                 for i, items in zip(idx, ranked):
-                    results[i]["ranked"] = [(str(a), float(b)) for a, b in items[: requests[i]["k"]]]
+                    skip = set(results[i]["known"]) if exclude_seen else set()
+                    results[i]["ranked"] = self._with_cold_start([(str(a), float(b)) for a, b in items], requests[i]["k"], skip)
                     results[i]["fallback"] = None
             out = []
             for res in results:
                 out.append({
-                    "items": [{"item_id": item_id, "score": score, "semantic_id": list(model.semantic_id(item_id))}
-                              for item_id, score in res["ranked"]],
+                    "items": [{"item_id": entry[0], "score": entry[1], "semantic_id": list(model.semantic_id(entry[0])),
+                               "source": entry[2] if len(entry) > 2 else "popularity"}
+                              for entry in res["ranked"]],
                     "unknown_items": res["unknown_items"],
                     "fallback": res["fallback"],
                     "batch_size": len(requests),
@@ -490,7 +541,11 @@ class Recommender:
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
     async def recommend(self, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        await self._sync()
+        try:
+            await self._sync()
+        except Exception as exc:  # noqa: BLE001 - the log replica restarting must not stop recommendations
+            log.warning("Recommender: added-items log unreachable (%s); serving the catalog as of position %d",
+                        exc, self.applied)
         self.batch_sizes[len(requests)] += 1
         self.requests += len(requests)
         # The beam search runs in a worker thread (torch releases the GIL) so the replica's event loop
@@ -657,6 +712,7 @@ def build_app(args: dict[str, Any] | None = None):
     max_batch_size = parsed.max_batch_size or sc.max_batch_size
     wait = parsed.batch_wait_timeout_s if parsed.batch_wait_timeout_s is not None else sc.batch_wait_timeout_s
     beam_size = parsed.beam_size or sc.beam_size
+    cold_start = parsed.cold_start_fraction if parsed.cold_start_fraction is not None else sc.cold_start_fraction
     limits = {"max_k": parsed.max_k or sc.max_k, "max_history": sc.max_history,
               "max_request_items": sc.max_request_items, "max_request_bytes": sc.max_request_bytes}
     if parsed.replicas:
@@ -674,7 +730,7 @@ def build_app(args: dict[str, Any] | None = None):
     recommender = Recommender.options(
         **scaling, max_ongoing_requests=max_ongoing,
         ray_actor_options={"num_cpus": res.recommender_num_cpus, "num_gpus": res.recommender_num_gpus},
-    ).bind(run.uri(), added_log, max_batch_size, wait, beam_size, _torch_device(parsed.device, res.recommender_num_gpus))
+    ).bind(run.uri(), added_log, max_batch_size, wait, beam_size, cold_start, _torch_device(parsed.device, res.recommender_num_gpus))
     return Ingress.options(
         **scaling, max_ongoing_requests=max(2 * max_ongoing, 128),
         ray_actor_options={"num_cpus": res.ingress_num_cpus},
