@@ -1,8 +1,8 @@
 """The embed stage: item text -> sentence-transformers embeddings, on Ray Data.
 
     RUN/prepare/items.parquet (item_id, text fields, text)
-      -> scan      Ray Data tasks: flag rows with a null item_id or null/blank text; the driver gets
-                   only (item_id, flag) rows, to count bad rows and find duplicate ids
+      -> scan      the driver streams (item_id, text) once: counts rows with a null item_id or a
+                   null/blank text, finds duplicate ids (keeps only the ids, not the texts)
       -> embed     Ray Data map_batches over an autoscaling actor pool (ActorPoolStrategy(min, max));
                    each actor loads the model once (GPU + fp16 when the cluster has GPUs)
       -> write     Ray Data writes Parquet parts under RUN/embed/_parts/
@@ -51,6 +51,8 @@ WORKER_COLUMN = "_worker"  # which actor embedded the row; dropped at merge, cou
 BAD_OK, BAD_NULL_ID, BAD_TEXT = 0, 1, 2
 MERGE_ROW_GROUP_BYTES = 64 * 1024 * 1024  # row groups of the final file: about this many bytes
 MAX_EXAMPLES = 5
+SCAN_BATCH_ROWS = 65_536
+PART_MIN_ROWS = 16_384  # rows per Parquet part Ray Data writes (about 25 MB at d=384)
 
 
 class ModelNotFoundError(CostDistError):
@@ -160,11 +162,6 @@ def row_flags(batch: pa.Table) -> pa.Array:
     return pa.array(flags, type=pa.int8())
 
 
-def scan_rows(batch: pa.Table) -> pa.Table:
-    """Scan pass: keep only what the driver needs to count bad rows and find duplicate ids."""
-    return pa.table({"item_id": batch["item_id"], "flag": row_flags(batch)})
-
-
 class EmbedBatches:
     """Ray Data callable class: loads the model once per actor, embeds the good rows of each batch."""
 
@@ -241,7 +238,8 @@ def run_embed_stage(cfg: Config, run: RunDir) -> dict[str, Any]:
         compute=ray.data.ActorPoolStrategy(min_size=res.min_actors, max_size=res.max_actors),
         **compute_args,
     )
-    ds.write_parquet(run.path(PARTS_DIR), filesystem=run.fs)
+    # one file per block would mean 10^4+ tiny parts for a large catalog: group blocks per file
+    ds.write_parquet(run.path(PARTS_DIR), filesystem=run.fs, min_rows_per_file=max(PART_MIN_ROWS, cfg.embed.batch_size))
     t_embed = time.time() - t1
 
     t2 = time.time()
@@ -328,21 +326,24 @@ def read_items(run: RunDir):
 def scan_items(run: RunDir, on_bad_rows: str) -> dict[str, Any]:
     """Count rows with a null id or null/blank text and find duplicate ids, before any embedding.
 
-    Ray Data tasks read the file; the driver receives (item_id, flag) rows only, streamed.
+    The driver streams the two columns batch by batch (pyarrow, any filesystem); only the good ids
+    are kept, for the duplicate check: a few tens of bytes per item, never the texts. A separate
+    Ray Data pass was tried first: on a small machine its worker start-up cost more than the scan.
     """
     ids: list[pa.Array] = []
     counts = {BAD_NULL_ID: 0, BAD_TEXT: 0}
     examples: list[str] = []
-    for batch in read_items(run).map_batches(scan_rows, batch_format="pyarrow").iter_batches(batch_format="pyarrow", batch_size=None):
-        flags = batch["flag"].to_numpy()
-        item_ids = batch["item_id"]
-        counts[BAD_NULL_ID] += int((flags == BAD_NULL_ID).sum())
-        bad_text = flags == BAD_TEXT
-        counts[BAD_TEXT] += int(bad_text.sum())
-        if bad_text.any() and len(examples) < MAX_EXAMPLES:
-            examples += item_ids.filter(pa.array(bad_text)).to_pylist()[: MAX_EXAMPLES - len(examples)]
-        ids.append(item_ids.filter(pa.array(flags == BAD_OK)).combine_chunks())
-    all_ids = pa.chunked_array(ids, type=pa.string()) if ids else pa.chunked_array([], type=pa.string())
+    with run.fs.open_input_file(run.path(ITEMS)) as f:
+        for batch in pq.ParquetFile(f).iter_batches(batch_size=SCAN_BATCH_ROWS, columns=["item_id", "text"]):
+            flags = row_flags(pa.Table.from_batches([batch])).to_numpy()
+            item_ids = batch.column("item_id")
+            counts[BAD_NULL_ID] += int((flags == BAD_NULL_ID).sum())
+            bad_text = flags == BAD_TEXT
+            counts[BAD_TEXT] += int(bad_text.sum())
+            if bad_text.any() and len(examples) < MAX_EXAMPLES:
+                examples += item_ids.filter(pa.array(bad_text)).to_pylist()[: MAX_EXAMPLES - len(examples)]
+            ids.append(item_ids.filter(pa.array(flags == BAD_OK)).cast(pa.string()))
+    all_ids = pa.chunked_array(ids, type=pa.string())
     if pc.count_distinct(all_ids).as_py() != len(all_ids):
         counts_by_id = pc.value_counts(all_ids)
         dup = counts_by_id.filter(pc.greater(counts_by_id.field("counts"), 1)).field("values").to_pylist()

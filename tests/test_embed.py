@@ -182,14 +182,14 @@ def test_bad_items_file_is_a_clear_error_before_any_work(tmp_path, case, table, 
     assert not run.exists(OUTPUT)
 
 
-def test_null_text_is_an_error_when_on_bad_rows_is_error(ray_session, tmp_path):
+def test_null_text_is_an_error_when_on_bad_rows_is_error(tmp_path):
     run = _write_raw(tmp_path, items_table(20, {3: None, 5: " "}))
     with pytest.raises(DataError, match=r"2 row\(s\) with a null or blank 'text'.*it0003"):
         run_embed_stage(config("data.on_bad_rows=error"), run)
     assert not run.exists(OUTPUT) and not run.exists(PARTS_DIR)
 
 
-def test_duplicate_ids_and_all_blank_catalog_are_errors(ray_session, tmp_path):
+def test_duplicate_ids_and_all_blank_catalog_are_errors(tmp_path):
     table = items_table(10)
     dup = pa.concat_tables([table, table.slice(2, 1)])
     run = _write_raw(tmp_path / "dup", dup)
