@@ -2,10 +2,9 @@
 completes on it, and the idle node is removed after the idle timeout.
 
 `python -m cost_dist.cluster autoscale-demo` runs in a subprocess of its own: a head with `CPU: 0`
-(like cluster/ray-cluster.yaml's) and two autoscaling worker types, `cpu_worker` (`CPU: 2`) and
-`gpu_worker` (`CPU: 2, GPU: 1`), min 0, max 1, on free ports; the real prepare + embed stages of a
-tiny synthetic catalog (the embed actors ask for 1 CPU, which only a worker has); and a 1 s sample of
-the cluster's nodes. The cluster lives in its own
+(like cluster/ray-cluster.yaml's) and one autoscaling worker type (`CPU: 2`, min 0, max 1) on free
+ports, the real prepare + embed stages of a tiny synthetic catalog (the embed actors ask for 1 CPU,
+which only a worker has), and a 1 s sample of the cluster's nodes. The cluster lives in its own
 session, which the demo kills at the end; this test checks that nothing of it is left. The session
 cluster of tests/conftest.py is never touched. Named zz so that it runs last. About 1-2 minutes.
 """
@@ -25,7 +24,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 IDLE_TIMEOUT_MIN = 0.2  # 12 s
-DEMO_TIMEOUT_S = 420
+DEMO_TIMEOUT_S = 600
 
 
 def _session_processes(sid: int) -> list[str]:
@@ -72,10 +71,8 @@ def test_stage_needing_worker_resources_scales_up_then_down(demo):
     assert demo["head_resources"] == {"CPU": 0}
     assert demo["workers_before_stage"] == 0
     assert demo["timeline"][0]["workers"] == 0
-    # The autoscaler added exactly one worker while the stage waited for it, a CPU one: GPU nodes are
-    # kept for work that asks for GPUs ...
-    assert demo["max_workers_seen"] == 1
-    assert demo["max_cpu_workers_seen"] == 1 and demo["max_gpu_workers_seen"] == 0
+    # The autoscaler added exactly one worker (max_workers 1) while the stage waited for it ...
+    assert demo["max_workers_seen"] == 1 and demo["max_cpu_workers_seen"] == 1
     assert demo["worker_added_s"] is not None
     assert demo["stage_start_s"] <= demo["worker_added_s"] <= demo["stage_done_s"]
     # ... the stage completed on it with real output ...
