@@ -169,6 +169,36 @@ class EvaluateConfig:
 
 
 @dataclass
+class SASRecConfig:
+    """The SASRec baseline (causal self-attention over item IDs, full-softmax CE over the catalog).
+
+    Defaults follow the recipe of the reference runs (RecBole 1.2.1): 2 blocks, 2 heads, hidden 64,
+    dropout 0.5, lr 1e-3, ~1,024 targets a step, early stopping on validation NDCG@10 with patience 10.
+    """
+
+    enabled: bool = True  # train it and report it next to the generator
+    hidden: int = 64
+    num_blocks: int = 2
+    num_heads: int = 2
+    inner_size: int = 256  # feed-forward width of each block
+    dropout: float = 0.5
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    # Global batch in training windows (split across workers). A window holds up to window_stride
+    # targets, so 128 windows are about 1,000 targets a step, like the reference's batch of 1,024
+    # one-target prefix samples.
+    batch_size: int = 128
+    epochs: int = 200
+    patience: int = 10  # validations without NDCG@10 improvement before early stopping
+    eval_every: int = 1
+    # Training windows of max_len+1 items slide over each user's training sequence with this stride
+    # (0 = max_len // 2); each target is predicted once, with at least max_len - stride items of context.
+    window_stride: int = 0
+    valid_max_users: int = 0  # validation users per epoch (a fixed sample; 0 = all)
+    deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
+
+
+@dataclass
 class ServeConfig:
     host: str = "127.0.0.1"
     port: int = 8000
@@ -232,6 +262,7 @@ class ResourcesConfig:
     embed: EmbedResources = field(default_factory=EmbedResources)
     tokenizer: TrainWorkers = field(default_factory=TrainWorkers)
     generator: TrainWorkers = field(default_factory=TrainWorkers)
+    sasrec: TrainWorkers = field(default_factory=TrainWorkers)
     evaluate: EvaluateResources = field(default_factory=EvaluateResources)
     serve: ServeResources = field(default_factory=ServeResources)
 
@@ -245,6 +276,7 @@ class Config:
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    sasrec: SASRecConfig = field(default_factory=SASRecConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
 
