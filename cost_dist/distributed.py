@@ -192,13 +192,13 @@ def run_training(
     from ray.train import FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
-    if not ray.is_initialized():
-        init_ray()
     storage_path, storage_fs = _storage(storage_uri)
     # A damaged checkpoint would fail every restarted worker group: check it once, here, clearly.
     latest = latest_checkpoint_path(storage_path, name)
     if latest is not None:
         validate_checkpoint_dir(latest)
+    if not ray.is_initialized():
+        init_ray()
     run_config = RunConfig(
         storage_path=storage_path,
         storage_filesystem=storage_fs,

@@ -5,7 +5,7 @@
   diagnostics, SemanticTokenizer, CoST's level-1 codes against the synthetic topics vs random IDs;
 - resume: stopped after epoch 1, resumed (through one injected worker failure, so FailureConfig's
   restart from the checkpoint is exercised too) -> the same model and codes as the uninterrupted run;
-- a corrupt checkpoint is a clear CheckpointError.
+- a corrupt checkpoint is a clear CheckpointError (checked on the driver before any worker starts).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from cost_dist.config import TokenizerConfig
+from cost_dist.distributed import latest_checkpoint_path
 from cost_dist.errors import CheckpointError
 from cost_dist.rundir import RunDir
 from cost_dist.tokenizer.baselines import random_codes
@@ -155,14 +156,12 @@ def test_resume_after_epoch_1_and_worker_failure_matches_uninterrupted(tiny_run,
     ref_history = tiny_run.read_metrics()["tokenizer"]["train"]["history"]
     assert [h["loss"] for h in second["history"]] == pytest.approx([h["loss"] for h in ref_history], abs=1e-6)
 
-    # The stage on this run resumes the finished Ray Train run and writes the same tokenizer.
-    run_tokenize_stage(tiny_config, run)
-    np.testing.assert_array_equal(SemanticTokenizer.load(run).codes(emb), SemanticTokenizer.load(tiny_run).codes(emb))
+    payload = dict(tiny_run.read_torch("tokenize/model.pt"), state_dict=second["state_dict"])
+    np.testing.assert_array_equal(SemanticTokenizer(payload).codes(emb), SemanticTokenizer.load(tiny_run).codes(emb))
 
     # A damaged checkpoint is one clear error naming the file, before any worker starts.
-    name = ray_train_name(tiny_config, run, emb.shape[1])
-    ckpts = sorted(p for p in (Path(run.path(RAY_TRAIN_DIR)) / name).iterdir() if p.name.startswith("checkpoint_"))
-    victim = next(iter(sorted(ckpts[-1].rglob("*model_states.pt"))))
+    latest = latest_checkpoint_path(run.path(RAY_TRAIN_DIR), ray_train_name(tiny_config, run, emb.shape[1]))
+    victim = next(iter(sorted(Path(latest).rglob("*model_states.pt"))))
     victim.write_bytes(victim.read_bytes()[:100])
     with pytest.raises(CheckpointError, match="model_states.pt is corrupt"):
         run_tokenize_stage(tiny_config, run)
