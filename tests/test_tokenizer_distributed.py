@@ -165,3 +165,27 @@ def test_resume_after_epoch_1_and_worker_failure_matches_uninterrupted(tiny_run,
     victim.write_bytes(victim.read_bytes()[:100])
     with pytest.raises(CheckpointError, match="model_states.pt is corrupt"):
         run_tokenize_stage(tiny_config, run)
+
+
+def test_cli_tokenize_and_assign_bad_inputs_are_one_line_errors(ray_session, tiny_config, tmp_path, capsys):
+    """`cost-dist tokenize` on NaN embeddings and `cost-dist assign` without a tokenizer: exit 2, one line."""
+    from cost_dist.cli import main
+    from cost_dist.pipeline import stage_fingerprints
+
+    config = str(Path(__file__).resolve().parent / "tiny.yaml")
+    run = RunDir(str(tmp_path / "bad_run"))
+    fps = stage_fingerprints(tiny_config)
+    for stage in ("prepare", "embed"):
+        run.mark_complete(stage, fps[stage])
+    rows = np.ones((40, 8), dtype=np.float32)
+    rows[5, 3] = np.nan
+    run.write_parquet("embed/embeddings.parquet", pa.table({
+        "item_id": [f"i{k}" for k in range(40)],
+        "embedding": pa.FixedSizeListArray.from_arrays(pa.array(rows.reshape(-1)), 8)}))
+    assert main(["tokenize", "--run", run.uri(), "--config", config]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "embeddings.parquet" in err and "NaN" in err and "'i5'" in err
+    run.mark_complete("tokenize", fps["tokenize"])
+    assert main(["assign", "--run", run.uri(), "--config", config]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "tokenize/model.pt" in err and "run the tokenize stage first" in err
