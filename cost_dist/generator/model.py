@@ -35,13 +35,55 @@ def t5_config(vocab: Vocabulary, cfg):
     )
 
 
+BEAM_ATTENTION = "cost_dist_beam_grouped"
+
+
+def _beam_grouped_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, position_bias=None, **kwargs):
+    """T5 attention where the keys/values may hold one row per user and the queries W rows per user.
+
+    Beam search decodes B users x W beams, but the W beams of a user attend to the same encoder
+    states: the cross-attention keys/values are computed and cached once per user ([B, H, T, d])
+    instead of once per beam, which saves W times their projection FLOPs and cache memory. Every
+    other call (self-attention, training, batches where the row counts match) is T5's own eager
+    attention.
+    """
+    from transformers.models.t5.modeling_t5 import eager_attention_forward
+
+    if key.shape[0] == query.shape[0]:
+        return eager_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
+                                       position_bias=position_bias, **kwargs)
+    B = key.shape[0]
+    W = query.shape[0] // B
+    q = query.view(B, W, *query.shape[1:])  # [B, W, H, q, d]
+    scores = torch.einsum("bwhqd,bhkd->bwhqk", q, key)
+    if scaling is not None and scaling != 1.0:
+        scores = scores * scaling
+    if position_bias is not None:
+        scores = scores + position_bias  # [1, H, q, k] broadcasts
+    if attention_mask is not None:
+        scores = scores + attention_mask[:, None]  # [B, 1, q, k] -> [B, 1, 1, q, k]
+    weights = torch.softmax(scores.float(), dim=-1).to(value.dtype)
+    out = torch.einsum("bwhqk,bhkd->bwhqd", weights, value).reshape(B * W, *query.shape[1:])
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _register_beam_attention() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+    AttentionInterface.register(BEAM_ATTENTION, _beam_grouped_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(BEAM_ATTENTION, ALL_MASK_ATTENTION_FUNCTIONS["eager"])
+
+
 class TigerModel(nn.Module):
     def __init__(self, vocab: Vocabulary, cfg):
         super().__init__()
         from transformers import T5ForConditionalGeneration
 
         self.vocab = vocab
+        _register_beam_attention()
         self.t5 = T5ForConditionalGeneration(t5_config(vocab, cfg))
+        self.t5.set_attn_implementation(BEAM_ATTENTION)
         # Additive mask per decoding position: 0 on the position's token range, -inf elsewhere.
         mask = torch.full((vocab.id_length, vocab.size), float("-inf"))
         for t, (start, size) in enumerate(vocab.position_ranges):
@@ -88,7 +130,11 @@ class TigerModel(nn.Module):
         return hidden, attention_mask
 
     def decode_step(self, tokens: torch.Tensor, encoder_hidden: torch.Tensor, encoder_mask: torch.Tensor, cache) -> torch.Tensor:
-        """One decoder step for [N] last tokens with the running cache; returns logits [N, V] (float32)."""
+        """One decoder step for [N] = [B * W] last tokens with the running cache; returns logits [N, V] (float32).
+
+        encoder_hidden / encoder_mask have one row per user (B rows): the W beams of user b are rows
+        b*W .. b*W+W-1 of `tokens`, and share that user's cached cross-attention keys/values.
+        """
         out = self.t5(encoder_outputs=(encoder_hidden,), attention_mask=encoder_mask, decoder_input_ids=tokens[:, None],
                       past_key_values=cache, use_cache=True)
         return out.logits[:, -1, :].float()

@@ -38,9 +38,7 @@ def beam_search(model: TigerModel, index: PrefixIndex, input_ids: torch.Tensor, 
     W = max(beam_size, k) + extra
     starts = [s for s, _ in model.vocab.position_ranges]
 
-    enc, enc_mask = model.encode(input_ids)
-    enc = enc.repeat_interleave(W, dim=0)
-    enc_mask = enc_mask.repeat_interleave(W, dim=0)
+    enc, enc_mask = model.encode(input_ids)  # one row per user: beams share it (see TigerModel.decode_step)
     scores = torch.full((B, W), NEG_INF, device=device)
     scores[:, 0] = 0.0  # one live beam at the root, so no duplicate hypotheses
     parents = torch.zeros(B, W, dtype=torch.long, device=device)
