@@ -241,6 +241,7 @@ class LocalAutoscalingCluster(AutoscalingCluster):
 
         sid, self._session = self._session, None
         if sid is not None:
+            log.info("stopping the autoscaling cluster: %d processes of session %d", len(_session_pids(sid)), sid)
             _kill_session(sid, grace_s)
         if self._config_file and os.path.exists(self._config_file):
             os.unlink(self._config_file)
@@ -260,6 +261,13 @@ class LocalAutoscalingCluster(AutoscalingCluster):
 
     def __exit__(self, *exc) -> None:
         self.shutdown()
+
+
+def stop_session(sid: int, grace_s: float = 5.0) -> None:
+    """Stop every process of a session a LocalAutoscalingCluster started (e.g. after its owner died)."""
+    if sid in (0, 1, os.getsid(0)):
+        raise ClusterError(f"refusing to stop session {sid}: it is not a cluster's own session")
+    _kill_session(sid, grace_s)
 
 
 def _kill_session(sid: int, grace_s: float) -> None:
@@ -404,10 +412,14 @@ def _run_ray_data_stage(cfg, run_uri: str) -> dict[str, Any]:
 
 
 def autoscale_demo(stage: str = "embed", idle_timeout_minutes: float = 0.2, worker_cpus: int = 2,
-                   scale_down_timeout_s: float = 150.0, run_uri: str | None = None) -> dict[str, Any]:
+                   scale_down_timeout_s: float = 150.0, run_uri: str | None = None,
+                   state_file: str | None = None, stop_on_sigterm: bool = False) -> dict[str, Any]:
     """Run a small stage on a head with `CPU: 0` and one autoscaling CPU worker type (min 0, max 1).
 
     Returns the node timeline and the moments the worker came, the stage finished and the worker went.
+    `state_file` receives the cluster's session id and address as soon as the head is up, so that a
+    caller can clean up even if this process is killed; `stop_on_sigterm` turns SIGTERM into a
+    clean shutdown (ray.init installs a handler that would otherwise exit without one).
     One worker type with max 1 keeps the node counts deterministic: Ray Data's own cluster
     autoscaler asks for more capacity when the stage runs slowly (a loaded machine), and with a
     second type available (a fake GPU type was tried) the autoscaler launched that one as well.
@@ -433,11 +445,15 @@ def autoscale_demo(stage: str = "embed", idle_timeout_minutes: float = 0.2, work
         address = cluster.start()
         result["cluster_start_s"] = round(time.time() - t0, 2)
         result["session"] = cluster.session
+        if state_file:
+            Path(state_file).write_text(json.dumps({"session": cluster.session, "address": address}))
         # The stages' init_ray() joins this cluster (already initialised here; kept for subprocesses).
         os.environ["RAY_ADDRESS"] = address
         os.environ["RAY_AUTH_MODE"] = "disabled"
         ray.init(address=address, log_to_driver=False,
                  runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}})
+        if stop_on_sigterm:
+            signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
         timeline.start()
         first = timeline.wait_for(lambda s: True, 10) or {}
         result["workers_before_stage"] = first.get("workers")
@@ -751,6 +767,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--idle-timeout-minutes", type=float, default=0.2)
     p.add_argument("--worker-cpus", type=int, default=2)
     p.add_argument("--out", help="also write the JSON here")
+    p.add_argument("--state", help="write {session, address} of the cluster here as soon as it is up")
     p = sub.add_parser("render-kuberay", help="regenerate the generated fields of cluster/kuberay/rayjob.yaml and rayservice.yaml")
     p.add_argument("--check", action="store_true", help="only report manifests that are out of date (exit 1 if any)")
     p = sub.add_parser("serve-config", help="print serve/config.yaml as the cluster runs it (serve-overrides.yaml applied): "
@@ -763,7 +780,7 @@ def main(argv: list[str] | None = None) -> int:
             # A SIGTERM (a test's timeout) still runs the finally blocks that stop the cluster.
             signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
             result = autoscale_demo(stage=args.stage, idle_timeout_minutes=args.idle_timeout_minutes,
-                                    worker_cpus=args.worker_cpus)
+                                    worker_cpus=args.worker_cpus, state_file=args.state, stop_on_sigterm=True)
             text = json.dumps(result, indent=2)
             if args.out:
                 Path(args.out).write_text(text)

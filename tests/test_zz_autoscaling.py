@@ -40,25 +40,34 @@ def _session_processes(sid: int) -> list[str]:
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    out = tmp_path_factory.mktemp("autoscale") / "demo.json"
+    from cost_dist.cluster import stop_session
+
+    tmp = tmp_path_factory.mktemp("autoscale")
+    out, state, log_path = tmp / "demo.json", tmp / "state.json", tmp / "demo.log"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     env.pop("RAY_ADDRESS", None)
     t0 = time.time()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "cost_dist.cluster", "autoscale-demo", "--stage", "embed",
-         "--idle-timeout-minutes", str(IDLE_TIMEOUT_MIN), "--out", str(out)],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
-        log, _ = proc.communicate(timeout=DEMO_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        proc.send_signal(signal.SIGTERM)  # the demo stops its cluster on SIGTERM
+    with open(log_path, "w") as log_file:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "cost_dist.cluster", "autoscale-demo", "--stage", "embed",
+             "--idle-timeout-minutes", str(IDLE_TIMEOUT_MIN), "--out", str(out), "--state", str(state)],
+            cwd=REPO, env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
         try:
-            log, _ = proc.communicate(timeout=60)
+            proc.wait(timeout=DEMO_TIMEOUT_S)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            log, _ = proc.communicate()
-        pytest.fail(f"autoscale demo did not finish in {DEMO_TIMEOUT_S} s:\n{log[-5000:]}")
-    assert proc.returncode == 0, log[-5000:]
+            proc.send_signal(signal.SIGTERM)  # the demo stops its cluster on SIGTERM
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        finally:
+            # Whatever happened to the demo, nothing of its cluster may outlive the test.
+            if state.exists():
+                stop_session(json.loads(state.read_text())["session"])
+    log = log_path.read_text()
+    if proc.returncode != 0 or not out.exists():
+        pytest.fail(f"autoscale demo failed (exit {proc.returncode}) after {time.time() - t0:.0f} s:\n{log[-5000:]}")
     result = json.loads(out.read_text())
     result["wall_s"] = round(time.time() - t0, 1)
     print("\nautoscale demo:", json.dumps({k: result[k] for k in (
