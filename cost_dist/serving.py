@@ -14,7 +14,11 @@ and asks one Recommender replica to apply them. Every Recommender replica applie
 order before each batch it computes (one cheap call: "anything after position n?"), so every
 replica -- including ones started later by the autoscaler or after a crash -- holds the same
 catalog and assigns the same collision suffixes, and an item is recommendable by every replica as
-soon as POST /items has answered. No redeploy, no retraining.
+soon as POST /items has answered. No redeploy, no retraining. An added item's M codes come from
+the trained tokenizer, but its collision suffix is a token the generator learnt for other items, so
+beam search alone ranks it poorly; TIGER's cold-start rule (see Recommender._with_cold_start) lets
+it into a top-k next to the best-ranked item sharing its code prefix, marked "source": "cold_start".
+An item whose codes have no collision suffix left in the generator's vocabulary is refused (422).
 
 Bad input never reaches the models: the pydantic models and limits below answer 4xx JSON errors of
 the form {"error": message, "field": dotted.field.name} (unknown routes too).
