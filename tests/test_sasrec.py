@@ -60,10 +60,28 @@ def test_model_is_causal_ignores_padding_and_masks_seen_items():
     assert mask[0].nonzero().flatten().tolist() == [0, 1, 2, 3] and mask[1].sum() == 8
     ranks = target_ranks(model.last_scores(seqs), seqs, torch.tensor([2, 13]), exclude_seen=True)
     assert ranks[0] == float("inf") and 1 <= ranks[1] <= 30 - 8
+    # The ranker masks the history it reads, or a longer past when given one.
+    from cost_dist.sasrec.inference import SASRecRanker
+
+    ranker = SASRecRanker(model, [f"i{k}" for k in range(30)], 8)
+    past = [["i1", "i2", "i3", "i9", "i10", "i11", "i12", "i13", "i14"], ["i4", "i5"]]
+    ranked = ranker.rank([["i1", "i2", "i3"], ["i4"]], 25, exclude_seen=True, seen=past)
+    assert [len(r) for r in ranked] == [21, 25] and not set(ranked[0]) & set(past[0]) and not set(ranked[1]) & set(past[1])
+    assert len(ranker.rank([["i1", "i2", "i3"]], 30, exclude_seen=True)[0]) == 27
+    assert len(ranker.rank([["i1", "i2", "i3"]], 30)[0]) == 30
 
 
 def test_model_learns_a_deterministic_successor():
     """Plain torch, no Ray: next item = item + 1 is learned to near-perfect top-1."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny model: extra threads only contend on a shared 2-core machine
+    try:
+        _learn_successor()
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _learn_successor():
     torch.manual_seed(0)
     n = 40
     index = ItemIndex([str(i) for i in range(n)])

@@ -94,9 +94,16 @@ class SASRecRanker:
             out.append(self.model.last_scores(seqs).float().numpy())
         return np.concatenate(out, axis=0) if out else np.zeros((0, len(self.index)), dtype=np.float32)
 
-    def rank(self, histories: Sequence[Sequence[str]], k: int, exclude_seen: bool = False) -> list[list[str]]:
-        """Top-k item ids per history, best first (history items skipped with exclude_seen)."""
+    def rank(self, histories: Sequence[Sequence[str]], k: int, exclude_seen: bool = False,
+             seen: Sequence[Sequence[str]] | None = None) -> list[list[str]]:
+        """Top-k item ids per history, best first.
+
+        With exclude_seen, the items of `seen` (default: the histories themselves) are skipped; pass
+        the user's whole past as `seen` to mask more than the last max_len items the model reads.
+        """
         import torch
+
+        from cost_dist.sasrec.data import left_pad
 
         k = min(int(k), len(self.index))
         out: list[list[str]] = []
@@ -105,7 +112,12 @@ class SASRecRanker:
             seqs = torch.from_numpy(self._padded(part))
             scores = self.model.last_scores(seqs)
             if exclude_seen:
-                scores = scores.masked_fill(seen_mask(seqs, scores.shape[1]), float("-inf"))
+                if seen is not None:
+                    rows = [self.index.rows(h, "seen items", strict=False) for h in seen[lo:lo + self.batch_size]]
+                    masked = torch.from_numpy(left_pad(rows, max((len(r) for r in rows), default=1) or 1))
+                else:
+                    masked = seqs
+                scores = scores.masked_fill(seen_mask(masked, scores.shape[1]), float("-inf"))
             top = torch.topk(scores, k, dim=1)
             for values, idx in zip(top.values.tolist(), top.indices.tolist()):
                 out.append([self.index.item_ids[j] for v, j in zip(values, idx) if v != float("-inf")])
@@ -120,20 +132,35 @@ def sample_users(table: pa.Table, max_users: int, seed: int) -> pa.Table:
     return table
 
 
+def full_past(run) -> dict[str, pa.Table]:
+    """Leave-one-out splits whose histories are the user's whole past (not truncated to max_len)."""
+    from cost_dist.data.splits import leave_one_out
+
+    return leave_one_out(run.read_parquet("prepare/sequences.parquet"), 2**31 - 1)
+
+
 def evaluate_sasrec(cfg: Config, run, splits: dict[str, pa.Table] | None = None,
-                    ranker: SASRecRanker | None = None) -> dict[str, Any]:
-    """{"valid": {...}, "test": {...}} Recall/NDCG@K of the best-on-validation SASRec (evaluate.ks)."""
+                    ranker: SASRecRanker | None = None, mask_full_history: bool = False) -> dict[str, Any]:
+    """{"valid": {...}, "test": {...}} Recall/NDCG@K of the best-on-validation SASRec (evaluate.ks).
+
+    With evaluate.exclude_seen, the last max_len items are masked (as the evaluate stage does), or
+    with mask_full_history the user's whole past (RecBole's full-sort protocol).
+    """
     from cost_dist.metrics import ranking_metrics
     from cost_dist.sasrec.train import load_splits
 
     ks = sorted(set(int(k) for k in cfg.evaluate.ks))
     splits = splits if splits is not None else load_splits(cfg, run)
+    past = full_past(run) if mask_full_history else None
     ranker = ranker or SASRecRanker.load(run)
     out: dict[str, Any] = {}
     for name in ("valid", "test"):
         table = sample_users(splits[name], cfg.evaluate.max_users, cfg.seed)
         histories = table.column("history").to_pylist()
-        ranked = ranker.rank(histories, ks[-1], cfg.evaluate.exclude_seen)
+        seen = None
+        if past is not None:
+            seen = sample_users(past[name], cfg.evaluate.max_users, cfg.seed).column("history").to_pylist()
+        ranked = ranker.rank(histories, ks[-1], cfg.evaluate.exclude_seen, seen=seen)
         out[name] = ranking_metrics(ranked, table.column("target").to_pylist(), ks)
         log.info("sasrec %s (%d users): recall@10 %.4f ndcg@10 %.4f", name, len(table),
                  out[name].get("recall@10", 0.0), out[name].get("ndcg@10", 0.0))

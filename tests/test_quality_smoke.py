@@ -1,0 +1,64 @@
+"""The quality benchmark script end to end on tiny synthetic data (real pipeline, Ray, DeepSpeed)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _quality_module():
+    spec = importlib.util.spec_from_file_location("benchmarks_quality", REPO / "benchmarks" / "quality.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_quality_smoke_writes_table_json_and_plot(ray_session, tmp_path):
+    quality = _quality_module()
+    out = tmp_path / "quality"
+    assert quality.main(["--smoke", "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    entry = results["datasets"]["synthetic"]
+    names = [f"{m}@{k}" for m in ("recall", "ndcg") for k in (5, 10, 20, 40)]
+    for method in quality.SMOKE_METHODS:
+        summary = entry["summary"][method]
+        assert summary["seeds"] == 1 and summary["failed"] == 0, (method, entry["runs"][method])
+        for name in names:
+            assert 0.0 <= summary[name]["mean"] <= 1.0 and summary[name]["std"] == 0.0
+        run = entry["runs"][method]["0"]
+        assert set(run["test"]) >= set(names) and set(run["valid"]) >= set(names)
+    # Methods scored by the benchmark itself also report the whole-past masking protocol.
+    assert set(entry["summary_fullmask"]) == {"pop", "dense", "sasrec"}
+    assert set(entry["runs"]["sasrec"]["0"]["test_fullmask"]) >= set(names)
+    # Recall@K never decreases with K, for every method.
+    for method, summary in entry["summary"].items():
+        recalls = [summary[f"recall@{k}"]["mean"] for k in (5, 10, 20, 40)]
+        assert recalls == sorted(recalls), method
+    # The generative run reused the shared prepare/embed outputs instead of re-embedding.
+    marker = json.loads((out / "runs" / "synthetic" / "random-seed0" / "embed" / "_COMPLETE").read_text())
+    assert marker["shared_from"].endswith("base-seed0/embed")
+    table = (out / "results.md").read_text()
+    assert "| SASRec | 1 |" in table and "| random IDs | 1 |" in table and "R@10" in table
+    assert results["command"].startswith("python benchmarks/quality.py --smoke")
+    assert (out / "recall_at_k.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # A second run skips every finished stage and reproduces the numbers.
+    assert quality.main(["--smoke", "--out", str(out), "--methods", "pop,sasrec"]) == 0
+    again = json.loads((out / "results.json").read_text())["datasets"]["synthetic"]
+    assert again["runs"]["sasrec"]["0"]["test"] == entry["runs"]["sasrec"]["0"]["test"]
+
+
+def test_quality_bad_arguments_are_one_line_errors(tmp_path, capsys):
+    quality = _quality_module()
+    assert quality.main(["--out", str(tmp_path), "--datasets", "ml-100k=/nonexistent/folder"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert quality.main(["--out", str(tmp_path), "--smoke", "--methods", "pop,tiger"]) == 2
+    assert "unknown method" in capsys.readouterr().err
+    assert quality.main(["--out", str(tmp_path), "--datasets", "ml-100k"]) == 2
+    assert "LOADER=PATH" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        quality.main(["--help"])
