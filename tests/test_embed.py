@@ -65,12 +65,19 @@ def reference_model():
 # --------------------------------------------------------------------------------------------------
 
 
-def test_two_actors_embed_every_item_once_like_single_process_encode(ray_session, tmp_path, reference_model):
+def test_two_actors_embed_every_item_once_like_single_process_encode(ray_session, tmp_path, reference_model, caplog):
     n = 300
     bad = {7: None, 42: "   ", 199: ""}  # null and blank texts: dropped (data.on_bad_rows=drop), counted
     table = items_table(n, bad)
     cfg = config("resources.embed.min_actors=2", "resources.embed.max_actors=2", "embed.batch_size=32")
     run = make_run(tmp_path, table, cfg)
+    # An interrupted earlier attempt of this config (the pipeline resumes it): its Ray Data parts,
+    # a half-written temporary file, and an embeddings.parquet of another model (8 dimensions).
+    run.write_json("embed/_STARTED", {"fingerprint": stage_fingerprints(cfg)["embed"]})
+    old = pa.table({"item_id": ["x"], "embedding": pa.FixedSizeListArray.from_arrays(pa.array(np.ones(8, np.float32)), 8)})
+    run.write_parquet(OUTPUT, old)
+    run.write_parquet(f"{PARTS_DIR}/stale_part.parquet", old)
+    Path(run.path("embed", ".tmp-deadbeef-embeddings.parquet")).write_bytes(b"partial")
 
     # Both actors must be up before Ray Data hands out blocks, or on a loaded machine the first
     # actor may finish all 300 items before the second one has loaded its model.
@@ -79,11 +86,15 @@ def test_two_actors_embed_every_item_once_like_single_process_encode(ray_session
     ctx = DataContext.get_current()
     saved, ctx.wait_for_min_actors_s = ctx.wait_for_min_actors_s, 300
     try:
-        metrics = run_stage(cfg, run, "embed")
+        with caplog.at_level(logging.WARNING, logger="cost_dist.embed"):
+            metrics = run_stage(cfg, run, "embed")
     finally:
         ctx.wait_for_min_actors_s = saved
     assert metrics is not None
     m = metrics["embed"]
+    # the old file of another dimension was replaced by a clean rerun, with a warning
+    assert m["previous_dim"] == 8 and "dimension changed from 8" in caplog.text
+    assert "3 row(s) with a null or blank 'text'" in caplog.text
     assert m["items"] == n - len(bad) and m["input_rows"] == n and m["dropped_null_text"] == len(bad)
     assert m["dim"] == DIM and m["actors"]["used"] == 2, m
 
@@ -107,32 +118,15 @@ def test_two_actors_embed_every_item_once_like_single_process_encode(ray_session
     assert cos.min() > 0.9999, cos.min()
     np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-4)  # embed.normalize=True
 
-    # nothing temporary left behind
+    # nothing temporary left behind: neither this attempt's nor the interrupted one's
     leftovers = [p.name for p in Path(run.path("embed")).iterdir() if p.name.startswith((".tmp-", "_parts"))]
     assert leftovers == []
+    assert "x" not in ids
 
     # resume: a completed stage is skipped, its output untouched
     mtime = os.path.getmtime(run.path(OUTPUT))
     assert run_stage(cfg, run, "embed") is None
     assert os.path.getmtime(run.path(OUTPUT)) == mtime
-
-
-def test_crashed_attempt_and_other_dimension_rerun_cleanly(ray_session, tmp_path, caplog):
-    """Leftovers of an interrupted attempt (parts, temp files) and an old file of another dimension."""
-    n = 24
-    run = make_run(tmp_path, items_table(n))
-    old = pa.table({"item_id": ["x"], "embedding": pa.FixedSizeListArray.from_arrays(pa.array(np.ones(8, np.float32)), 8)})
-    run.write_parquet(OUTPUT, old)  # a previous run with an 8-dimensional model
-    run.write_parquet(f"{PARTS_DIR}/stale_part.parquet", old)  # a crashed attempt's part
-    Path(run.path("embed", ".tmp-deadbeef-embeddings.parquet")).write_bytes(b"partial")
-
-    with caplog.at_level(logging.WARNING, logger="cost_dist.embed"):
-        m = run_embed_stage(config("resources.embed.min_actors=1", "resources.embed.max_actors=1"), run)["embed"]
-    assert m["items"] == n and m["dim"] == DIM and m["previous_dim"] == 8
-    assert "dimension changed from 8" in caplog.text
-    ids, emb = read_embeddings(run)
-    assert sorted(ids) == [f"it{i:04d}" for i in range(n)] and emb.shape == (n, DIM)
-    assert not run.exists(PARTS_DIR) and not run.exists("embed", ".tmp-deadbeef-embeddings.parquet")
 
 
 def test_job_entrypoint_runs_the_stage(tmp_path):
