@@ -103,6 +103,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="config override for every run (repeatable)")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray cluster, if one is started")
     p.add_argument("--smoke", action="store_true", help="tiny synthetic dataset, 1 seed, a few methods (CI)")
+    p.add_argument("--collect-only", action="store_true",
+                   help="train nothing: score what the run directories hold now (SASRec's best checkpoint so far, "
+                        "marked partial if its training has not finished)")
     p.add_argument("--fail-fast", action="store_true", help="stop at the first failing run instead of recording it")
     args = p.parse_args(argv)
     from cost_dist.errors import CostDistError
@@ -163,10 +166,16 @@ def base_run_name(cfg, seed: int) -> str:
     return f"base-seed{seed}" if cfg.data.dataset == "synthetic" else "base"
 
 
-def prepare_base(cfg, run, num_cpus: int | None) -> None:
+def shared_stages(methods: list[str]) -> tuple[str, ...]:
+    """prepare, and embed only when a method reads the embeddings (pop and sasrec do not)."""
+    needs_embed = any(m in GENERATIVE or m == "dense" for m in methods)
+    return SHARED_STAGES if needs_embed else SHARED_STAGES[:1]
+
+
+def prepare_base(cfg, run, num_cpus: int | None, methods: list[str]) -> None:
     from cost_dist.pipeline import run_pipeline
 
-    run_pipeline(cfg, run, stages=SHARED_STAGES, num_cpus=num_cpus)
+    run_pipeline(cfg, run, stages=shared_stages(methods), num_cpus=num_cpus)
 
 
 def link_shared_stages(base, run, cfg) -> None:
@@ -175,6 +184,8 @@ def link_shared_stages(base, run, cfg) -> None:
 
     fps = stage_fingerprints(cfg)
     for stage in SHARED_STAGES:
+        if not base.is_complete(stage):  # not needed by the methods of this benchmark
+            continue
         if run.is_complete(stage, fps[stage]):
             continue
         if run.exists(stage):
@@ -240,10 +251,12 @@ def run_static_baselines(cfg, base, methods: list[str]) -> dict[str, dict[str, A
     return out
 
 
-def run_sasrec(cfg, run, num_cpus: int | None) -> dict[str, Any]:
+def run_sasrec(cfg, run, num_cpus: int | None, collect_only: bool = False) -> dict[str, Any]:
     from cost_dist.distributed import init_ray
     from cost_dist.sasrec import ensure_sasrec, evaluate_sasrec
 
+    if collect_only:
+        return collect_sasrec(cfg, run)
     init_ray(num_cpus=num_cpus)
     ensure_sasrec(cfg, run)
     metrics = run.read_metrics()["sasrec"]
@@ -252,6 +265,32 @@ def run_sasrec(cfg, run, num_cpus: int | None) -> dict[str, Any]:
             f"valid{FULLMASK}": whole["valid"], f"test{FULLMASK}": whole["test"],
             "best_epoch": metrics["best_epoch"], "epochs_run": len(metrics["history"]),
             "train_wall_s": metrics["train_wall_s"]}
+
+
+def collect_sasrec(cfg, run) -> dict[str, Any]:
+    """--collect-only: score the best-on-validation checkpoint a (possibly still running) training has
+    written so far, marked partial when training has not finished."""
+    from cost_dist.sasrec import evaluate_sasrec
+    from cost_dist.sasrec.train import BEST, HISTORY, STAGE
+
+    if not run.exists(BEST):
+        raise RuntimeError(f"no {run.uri(BEST)} yet")
+    history = run.read_json(HISTORY) if run.exists(HISTORY) else {"history": []}
+    window = evaluate_sasrec(cfg, run)
+    whole = evaluate_sasrec(cfg, run, mask_full_history=True)
+    return {"valid": window["valid"], "test": window["test"], f"valid{FULLMASK}": whole["valid"],
+            f"test{FULLMASK}": whole["test"], "best_epoch": window["best_epoch"],
+            "epochs_run": len(history["history"]), "stopped_early": history.get("stopped_early"),
+            "partial": not run.is_complete(STAGE), "history": history["history"]}
+
+
+def collect_generative(run) -> dict[str, Any]:
+    from cost_dist.evaluate import METHOD
+
+    ev = run.read_metrics().get("evaluate")
+    if not ev:
+        raise RuntimeError(f"{run.uri()} has no evaluate results (run without --collect-only)")
+    return {"valid": ev["valid"][METHOD], "test": ev["test"][METHOD]}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -310,6 +349,9 @@ def markdown(results: dict[str, Any]) -> str:
                     v = agg.get(name)
                     cells.append("–" if v is None else (f"{v['mean']:.4f} ± {v['std']:.4f}" if agg["seeds"] > 1 else f"{v['mean']:.4f}"))
                 n = f"{agg['seeds']}" + (f" ({agg['failed']} failed)" if agg["failed"] else "")
+                partial = [r for r in entry["runs"][method].values() if r.get("partial")]
+                if partial:
+                    n += " (partial: stopped at epoch " + ", ".join(str(r["epochs_run"]) for r in partial) + ")"
                 lines.append(f"| {LABELS.get(method, method)} | {n} | " + " | ".join(cells) + " |")
             lines.append("")
         errors = [(m, s, r["error"]) for m, per in entry["runs"].items() for s, r in per.items() if "error" in r]
@@ -390,7 +432,8 @@ def run_benchmark(args: argparse.Namespace, command: str) -> dict[str, Any]:
             base = RunDir(root.uri(base_run_name(cfg_seed, seed)))
             t0 = time.time()
             try:
-                prepare_base(cfg_seed, base, args.num_cpus)
+                if not args.collect_only:
+                    prepare_base(cfg_seed, base, args.num_cpus, args.methods)
             except Exception as exc:  # noqa: BLE001 - recorded, the other datasets still run
                 if args.fail_fast:
                     raise
@@ -412,8 +455,11 @@ def run_benchmark(args: argparse.Namespace, command: str) -> dict[str, Any]:
                 t0 = time.time()
                 log.info("%s: %s seed %d -> %s", name, method, seed, run.uri())
                 try:
-                    link_shared_stages(base, run, cfg)
-                    res = run_sasrec(cfg, run, args.num_cpus) if method == "sasrec" else run_generative(cfg, run, args.num_cpus)
+                    if args.collect_only:
+                        res = collect_sasrec(cfg, run) if method == "sasrec" else collect_generative(run)
+                    else:
+                        link_shared_stages(base, run, cfg)
+                        res = run_sasrec(cfg, run, args.num_cpus) if method == "sasrec" else run_generative(cfg, run, args.num_cpus)
                     res["wall_s"] = round(time.time() - t0, 2)
                 except Exception as exc:  # noqa: BLE001 - one failed run must not lose the others
                     if args.fail_fast:
