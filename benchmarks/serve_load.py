@@ -136,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     bodies = [{**h, "k": args.k} for h in load_histories(run, cfg.data.max_len)]
     base = f"http://127.0.0.1:{args.port}"
 
+    load_before = os.getloadavg()
     ray.init(address="local", num_cpus=args.num_cpus, runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}})
     serve.start(http_options={"host": "127.0.0.1", "port": args.port})
     rows = []
@@ -163,6 +164,9 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"run": run.uri(), "max_batch_size": cfg.serve.max_batch_size,
             "batch_wait_timeout_s": cfg.serve.batch_wait_timeout_s, "beam_size": cfg.serve.beam_size, "k": args.k,
             "requests_per_level": args.requests, "time_cap_s": args.time_cap, "cpus": os.cpu_count(),
+            # 1-minute load average before and after: figures from a shared, busy machine are not comparable
+            # with an idle one's.
+            "loadavg_before": round(load_before[0], 1), "loadavg_after": round(os.getloadavg()[0], 1),
             f"batching_speedup_at_{top}": round(speedup, 2) if speedup else None}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps({"rows": rows, "meta": meta}, indent=2))
