@@ -299,12 +299,15 @@ def test_added_items_are_recommended_at_once(app, histories, catalog, tiny_run):
     assert new_id in app["added_file"].read_text()
 
 
-def test_item_without_a_free_suffix_is_refused_not_wedged(app, catalog, histories):
+def test_item_without_a_free_suffix_is_refused_not_wedged(app, catalog, histories, tiny_run):
     """The largest collision group uses every suffix the generator knows (S = largest suffix + 1), so
     a text twin of its items cannot get an ID: a 422 naming the item, and the app keeps serving."""
+    from cost_dist.generator.inference import load_generator_checkpoint
+
     M = M_LEVELS
-    S = catalog["meta"]["num_suffix"]
-    full = next(i for i, sid in catalog["codes"].items() if sid[M] == S - 1)
+    S = load_generator_checkpoint(tiny_run)[1]["vocab"]["num_suffix"]
+    full = next((i for i, sid in catalog["codes"].items() if sid[M] == S - 1), None)
+    assert full is not None, f"no collision group uses the generator's last suffix {S - 1}: nothing to refuse"
     fields = {k: v for k, v in catalog["items"][full].items() if isinstance(v, str) and k != "text"}
     r = post(app, "/items", {"items": [{**fields, "item_id": "twin-of-a-full-group"}]})
     assert r.status_code == 422, r.text
