@@ -74,6 +74,7 @@ def test_generator_beats_pop_clearly(trained):
             assert 0.0 <= test[method][f"recall@{k}"] <= 1.0
             assert test[method][f"ndcg@{k}"] <= test[method][f"recall@{k}"]
     assert "cost-dist" in run.read_metrics()["evaluate"]["valid"]
+    print({m: {k: round(v, 4) for k, v in test[m].items()} for m in test})  # shown with -s / on failure
     assert test["cost-dist"]["recall@10"] >= test["pop"]["recall@10"] + MARGIN, test
     assert run.exists("plots/recall_at_k.png")
 
