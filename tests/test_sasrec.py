@@ -198,3 +198,27 @@ def test_sasrec_bad_input_and_config(tmp_path, prepared):
     empty.write_bytes("sasrec/best.pt", b"not a checkpoint")
     with pytest.raises(Exception, match="best.pt"):
         SASRecRanker.load(empty)
+
+
+def test_evaluate_stage_reports_sasrec_next_to_the_generator(tiny_run, tmp_path):
+    """The evaluate stage trains SASRec on the run's splits (when enabled) and scores it like the others."""
+    import shutil
+
+    from cost_dist.config import apply_override
+    from cost_dist.pipeline import run_stage
+    from cost_dist.report import format_summary
+    from cost_dist.rundir import RunDir
+
+    run = RunDir(str(tmp_path / "run"))
+    shutil.copytree(tiny_run.path(), run.path(), ignore=shutil.ignore_patterns("evaluate", "sasrec"), dirs_exist_ok=True)
+    raw = run.read_metrics()["config"]
+    for o in ("sasrec.enabled=true", "sasrec.epochs=3", "sasrec.patience=2", "sasrec.hidden=32", "sasrec.inner_size=64"):
+        apply_override(raw, o)
+    cfg = Config.from_dict(raw)
+    run_stage(cfg, run, "evaluate", force=True)
+    metrics = run.read_metrics()
+    for split in ("valid", "test"):
+        assert {"cost-dist", "pop", "sasrec"} <= set(metrics["evaluate"][split])
+        assert set(metrics["evaluate"][split]["sasrec"]) == {f"{m}@{k}" for m in ("recall", "ndcg") for k in cfg.evaluate.ks}
+    assert metrics["sasrec"]["results"]["test"] == metrics["evaluate"]["test"]["sasrec"]
+    assert "sasrec" in format_summary(metrics)
