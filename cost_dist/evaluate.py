@@ -101,6 +101,13 @@ def run_evaluate_stage(cfg: Config, run) -> dict[str, Any]:
     if "dense" in ecfg.baselines:
         dense = DenseRanker(run.read_parquet("embed/embeddings.parquet"), run.uri("embed/embeddings.parquet"))
 
+    sasrec = None
+    if cfg.sasrec.enabled:  # the SASRec baseline, trained on the same splits (skipped when already trained)
+        from cost_dist.sasrec import SASRecRanker, ensure_sasrec
+
+        ensure_sasrec(cfg, run)
+        sasrec = SASRecRanker.load(run)
+
     results: dict[str, Any] = {"valid": {}, "test": {}}
     tables = {}
     for name in ("valid", "test"):
@@ -125,6 +132,8 @@ def run_evaluate_stage(cfg: Config, run) -> dict[str, Any]:
             results[name]["pop"] = ranking_metrics(pop.rank(histories, k, ecfg.exclude_seen), targets, ks)
         if dense is not None:
             results[name]["dense"] = ranking_metrics(dense.rank(histories, k, cfg.data.max_len, ecfg.exclude_seen), targets, ks)
+        if sasrec is not None:
+            results[name]["sasrec"] = ranking_metrics(sasrec.rank(histories, k, ecfg.exclude_seen), targets, ks)
         log.info("evaluate %s (%d users): %s", name, len(users),
                  {m: round(v.get("recall@10", 0.0), 4) for m, v in results[name].items()})
         if name == "test" and ecfg.exact_check:
