@@ -303,7 +303,7 @@ def test_interrupted_job_resumes_to_the_same_metrics(ray_head, finished_job, tmp
     assert not (run_dir / "evaluate").exists()
 
     out = _assert_ok(submit(ray_head, run_dir))
-    assert "stage 5/6 generate: resuming an interrupted run" in out
+    assert "stage generate: resuming an interrupted run" in out
     for i, stage in enumerate(UPSTREAM_OF_GENERATE, 1):
         assert f"stage {i}/6 {stage}: complete for this config, skipped" in out
     assert marker_mtimes(run_dir, UPSTREAM_OF_GENERATE) == upstream
