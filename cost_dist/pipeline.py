@@ -52,7 +52,7 @@ STAGES: tuple[Stage, ...] = (
           ("tokenizer", "seed", "resources.tokenizer.num_workers")),
     Stage("assign", "cost_dist.tokenizer.assign:run_assign_stage", ()),
     Stage("generate", "cost_dist.generator.train:run_generate_stage", ("generator", "data.max_len", "seed")),
-    Stage("evaluate", "cost_dist.evaluate:run_evaluate_stage", ("evaluate",)),
+    Stage("evaluate", "cost_dist.evaluate:run_evaluate_stage", ("evaluate", "sasrec")),
 )
 STAGE_NAMES = tuple(s.name for s in STAGES)
 
