@@ -38,15 +38,13 @@ def _session_processes(sid: int) -> list[str]:
     return alive
 
 
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory):
+def _run_demo(tmp: Path) -> tuple[int | None, Path, str]:
+    """One autoscale-demo subprocess; returns (exit code, its JSON output path, its log)."""
     from cost_dist.cluster import stop_session
 
-    tmp = tmp_path_factory.mktemp("autoscale")
     out, state, log_path = tmp / "demo.json", tmp / "state.json", tmp / "demo.log"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     env.pop("RAY_ADDRESS", None)
-    t0 = time.time()
     with open(log_path, "w") as log_file:
         proc = subprocess.Popen(
             [sys.executable, "-m", "cost_dist.cluster", "autoscale-demo", "--stage", "embed",
@@ -65,10 +63,27 @@ def demo(tmp_path_factory):
             # Whatever happened to the demo, nothing of its cluster may outlive the test.
             if state.exists():
                 stop_session(json.loads(state.read_text())["session"])
-    log = log_path.read_text()
-    if proc.returncode != 0 or not out.exists():
-        pytest.fail(f"autoscale demo failed (exit {proc.returncode}) after {time.time() - t0:.0f} s:\n{log[-5000:]}")
+    return proc.returncode, out, log_path.read_text()
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    # One retry: once in a full CI run (load from the suite before it), Ray Data cancelled the
+    # embed actor while it was still pending on the not-yet-added worker node (ActorDiedError
+    # "cancelled before it started running", 2 s into the stage); alone the demo passed every time.
+    # A second failure fails the test with both logs.
+    t0 = time.time()
+    logs = []
+    for attempt in (1, 2):
+        code, out, log = _run_demo(tmp_path_factory.mktemp(f"autoscale{attempt}"))
+        if code == 0 and out.exists():
+            break
+        logs.append(f"attempt {attempt}: exit {code}\n{log[-5000:]}")
+        print(f"\nautoscale demo attempt {attempt} failed (exit {code})")
+    else:
+        pytest.fail(f"autoscale demo failed twice after {time.time() - t0:.0f} s:\n" + "\n".join(logs))
     result = json.loads(out.read_text())
+    result["attempts"] = len(logs) + 1
     result["wall_s"] = round(time.time() - t0, 1)
     print("\nautoscale demo:", json.dumps({k: result[k] for k in (
         "timeline", "worker_added_s", "stage_start_s", "stage_done_s", "workers_removed_s", "total_s", "wall_s")}))
