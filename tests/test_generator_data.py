@@ -66,3 +66,49 @@ def test_bad_inputs_are_clear_errors():
         ItemCatalog(["a", "b"], np.array([[0, 0, 0], [0, 0, 0]]), 2, 2, 1)
     with pytest.raises(DataError, match="3 values per item"):
         ItemCatalog(["a"], np.array([[0, 0]]), 2, 2, 1)
+
+
+def test_trailing_padding_is_trimmed_without_changing_the_model():
+    """Short histories give short encoder inputs; the dropped all-PAD columns change no output."""
+    from cost_dist.config import GeneratorConfig
+    from cost_dist.generator.model import TigerModel
+    from cost_dist.generator.vocab import trim_padding
+
+    cat = _catalog()
+    vocab = Vocabulary(2, 2, 2, num_user_tokens=4, max_len=4)
+    split = pa.table({"user_id": ["u1", "u2"], "history": [["a", "b"], ["e"]], "target": ["e", "c"]})
+    packed = torch.from_numpy(eval_examples(vocab, cat, split, "test"))
+    token_table = torch.from_numpy(vocab.item_tokens(cat.semantic_ids))
+    trimmed, targets = examples_to_tensors(packed, token_table, vocab.max_len)
+    full = torch.from_numpy(encode_inputs(vocab, cat, ["u1", "u2"], [["a", "b"], ["e"]]))
+    L = token_table.shape[1]
+    assert trimmed.shape[1] == 2 + 2 * L < full.shape[1]
+    assert torch.equal(trimmed, full[:, :trimmed.shape[1]]) and torch.equal(trim_padding(full), trimmed)
+    assert trim_padding(full.numpy()).shape == tuple(trimmed.shape)  # numpy too
+
+    torch.manual_seed(0)
+    model = TigerModel(vocab, GeneratorConfig(num_encoder_layers=1, num_decoder_layers=1, d_model=16, num_heads=2,
+                                              d_kv=8, d_ff=32, num_user_tokens=4)).eval()
+    with torch.no_grad():
+        assert torch.allclose(model.position_log_probs(trimmed, targets), model.position_log_probs(full, targets), atol=1e-5)
+
+
+def test_group_by_length_keeps_every_example_and_the_batch_sizes():
+    from cost_dist.generator.data import group_by_length
+
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(1, 9, size=100)
+    packed = np.full((100, 2 + 8), -1, dtype=np.int64)
+    packed[:, 0], packed[:, 1] = 0, np.arange(100)  # column 1 identifies the example
+    for i, n in enumerate(lengths):
+        packed[i, 2:2 + n] = 1
+    batches = list(torch.split(torch.from_numpy(packed), [16] * 6 + [4]))
+    grouped = list(group_by_length(batches, window=4, seed=0))
+    assert sorted(len(b) for b in grouped) == sorted(len(b) for b in batches)
+    assert sorted(torch.cat(grouped)[:, 1].tolist()) == list(range(100))
+    # within each window, examples are sorted by length before being cut, so batches are narrow
+    spread = [int((b[:, 2:] >= 0).sum(1).max() - (b[:, 2:] >= 0).sum(1).min()) for b in grouped]
+    assert np.mean(spread) < 3 < np.mean([int((b[:, 2:] >= 0).sum(1).max() - (b[:, 2:] >= 0).sum(1).min()) for b in batches])
+    # reproducible, and off with window <= 1
+    assert all(torch.equal(a, b) for a, b in zip(grouped, group_by_length(batches, window=4, seed=0)))
+    assert all(a is b for a, b in zip(batches, group_by_length(batches, window=1, seed=0)))

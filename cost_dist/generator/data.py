@@ -11,6 +11,8 @@ s_1..s_m the targets s_2..s_m, each with the (at most max_len) items before it a
 
 from __future__ import annotations
 
+from typing import Iterable, Iterator
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -102,4 +104,39 @@ def examples_to_tensors(packed: torch.Tensor, token_table: torch.Tensor, max_len
     lengths = valid.sum(1)
     input_ids[torch.arange(B, device=packed.device), 1 + lengths * L] = EOS
     targets = token_table[packed[:, 1]]
-    return input_ids, targets
+    # Columns after the longest history's EOS are PAD in every row: drop them (shorter batches, same result).
+    width = 2 + int(lengths.max()) * L if B else input_ids.shape[1]
+    return input_ids[:, :width], targets
+
+
+def group_by_length(batches: Iterable[torch.Tensor], window: int, seed: int) -> Iterator[torch.Tensor]:
+    """Regroup each `window` consecutive (already shuffled) packed batches by history length.
+
+    The encoder input is trimmed to the longest history in its batch (`examples_to_tensors`), so a
+    batch of short histories is cheap only if no long one sits in it: within a window, examples are
+    sorted by history length (stable, so ties keep their shuffled order), cut back into batches of
+    the original sizes, and those batches are yielded in a random order (as transformers'
+    group_by_length sampler does). Batch count and sizes are unchanged, so every worker still takes
+    the same number of steps. window <= 1: the batches as they come.
+    """
+    if window <= 1:
+        yield from batches
+        return
+    rng = torch.Generator().manual_seed(int(seed))
+    buffer: list[torch.Tensor] = []
+    for batch in batches:
+        buffer.append(batch)
+        if len(buffer) == window:
+            yield from _regroup(buffer, rng)
+            buffer = []
+    if buffer:
+        yield from _regroup(buffer, rng)
+
+
+def _regroup(buffer: list[torch.Tensor], rng: torch.Generator) -> Iterator[torch.Tensor]:
+    packed = torch.cat(buffer)
+    lengths = (packed[:, 2:] >= 0).sum(1)
+    packed = packed[torch.argsort(lengths, stable=True)]
+    chunks = torch.split(packed, [len(b) for b in buffer])
+    for i in torch.randperm(len(chunks), generator=rng).tolist():
+        yield chunks[i]

@@ -14,7 +14,7 @@ import torch
 
 from cost_dist.generator.constraints import PrefixIndex
 from cost_dist.generator.model import TigerModel, new_cache
-from cost_dist.generator.vocab import PAD
+from cost_dist.generator.vocab import PAD, trim_padding
 
 NEG_INF = float("-inf")
 
@@ -31,6 +31,7 @@ def beam_search(model: TigerModel, index: PrefixIndex, input_ids: torch.Tensor, 
     the catalog has them.
     """
     model.eval()
+    input_ids = trim_padding(input_ids)
     device = input_ids.device
     B = input_ids.shape[0]
     L = index.id_length
@@ -95,6 +96,7 @@ def exact_scores(model: TigerModel, item_tokens: torch.Tensor, input_ids: torch.
     rows_per_pass rows. Exhaustive, so meant for small and medium catalogs (and as ground truth).
     """
     model.eval()
+    input_ids = trim_padding(input_ids)
     B, n = input_ids.shape[0], item_tokens.shape[0]
     enc, _ = model.encode(input_ids)
     out = torch.empty(B, n, device=input_ids.device)

@@ -181,6 +181,19 @@ def encode_inputs(vocab: Vocabulary, catalog: ItemCatalog, user_ids: Sequence[st
                        [catalog.rows(h, what) for h in histories], users=user_ids, what=what)
 
 
+def trim_padding(input_ids):
+    """Drop the trailing columns that are PAD in every row (torch or numpy, [B, T]).
+
+    Encoder inputs are padded on the right to max_len items and PAD is masked out of attention, so
+    these columns change nothing but the cost: a batch of short histories runs on short inputs.
+    """
+    used = (input_ids != PAD).any(0).nonzero()
+    if isinstance(used, tuple):  # numpy
+        used = used[0]
+    width = int(used.max()) + 1 if len(used) else 1
+    return input_ids[:, :width]
+
+
 def encode_rows(vocab: Vocabulary, token_table: np.ndarray, user_tokens: Sequence[int], history_rows: Sequence[np.ndarray],
                 users: Sequence[str | None] | None = None, what: str = "history") -> np.ndarray:
     out = np.full((len(history_rows), vocab.encoder_length), PAD, dtype=np.int64)
