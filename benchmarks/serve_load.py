@@ -92,6 +92,33 @@ async def drive(url: str, bodies: list[dict], concurrency: int, requests: int, t
     }
 
 
+def ceiling_app(max_ongoing: int):
+    """The app's topology with nothing inside: a FastAPI ingress that parses the body and awaits one
+    handle call to a deployment that returns at once. Its QPS is what Serve itself (proxy, ingress,
+    one hop) allows on this machine: no model, batched or not, can be served faster."""
+    from fastapi import Body, FastAPI
+    from ray import serve
+
+    api = FastAPI()
+
+    @serve.deployment(max_ongoing_requests=max_ongoing)
+    class NoModel:
+        async def __call__(self, request: dict) -> dict:
+            return {"items": [], "batch_size": 1}
+
+    @serve.deployment(max_ongoing_requests=max_ongoing)
+    @serve.ingress(api)
+    class NoModelIngress:
+        def __init__(self, model):
+            self.model = model
+
+        @api.post("/recommend")
+        async def recommend(self, body=Body(...)):  # no annotations: this module's are strings (PEP 563)
+            return await self.model.remote(body)
+
+    return NoModelIngress.bind(NoModel.bind())
+
+
 def wait_healthy(base: str, timeout: float = 300.0) -> None:
     import requests
 
@@ -118,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=20, help="requests before each mode's measurements")
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--num-cpus", type=int, default=4, help="logical CPUs of the local Ray cluster")
+    parser.add_argument("--no-ceiling", action="store_true",
+                        help="skip the ceiling run (the same topology with no model: Serve's own limit here)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -139,7 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     load_before = os.getloadavg()
     ray.init(address="local", num_cpus=args.num_cpus, runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}})
     serve.start(http_options={"host": "127.0.0.1", "port": args.port})
-    rows = []
+    rows: list[dict] = []
+    ceiling: list[dict] = []
     try:
         for batching in (True, False):
             max_batch = cfg.serve.max_batch_size if batching else 1
@@ -154,6 +184,14 @@ def main(argv: list[str] | None = None) -> int:
                 row = {"batching": batching, "concurrency": c, **res}
                 rows.append(row)
                 log.info("batching=%s concurrency=%d: %s", batching, c, res)
+        if not args.no_ceiling:
+            serve.delete(APP_NAME)
+            serve.run(ceiling_app(max_ongoing=128), name="ceiling", route_prefix="/")
+            asyncio.run(drive(f"{base}/recommend", bodies, min(8, max(levels)), args.warmup, args.time_cap))
+            for c in levels:
+                res = asyncio.run(drive(f"{base}/recommend", bodies, c, args.requests, args.time_cap))
+                ceiling.append({"concurrency": c, **{k: v for k, v in res.items() if k != "mean_batch_size"}})
+                log.info("ceiling (no model) concurrency=%d: %s", c, res)
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -168,6 +206,13 @@ def main(argv: list[str] | None = None) -> int:
             # with an idle one's.
             "loadavg_before": round(load_before[0], 1), "loadavg_after": round(os.getloadavg()[0], 1),
             f"batching_speedup_at_{top}": round(speedup, 2) if speedup else None}
+    if ceiling:
+        # QPS of the same topology with no model, and the speed-up batching would give if the model
+        # cost nothing at all: an upper bound on this machine.
+        meta["serve_ceiling"] = ceiling
+        top_ceiling = next(r["qps"] for r in ceiling if r["concurrency"] == top)
+        meta[f"max_possible_speedup_at_{top}"] = round(top_ceiling / by[(False, top)]["qps"], 2) \
+            if by[(False, top)]["qps"] else None
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps({"rows": rows, "meta": meta}, indent=2))
 
@@ -175,8 +220,14 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         print(f"{str(r['batching']):>8} {r['concurrency']:>5} {r['qps']:>8.1f} {r['p50_ms'] or 0:>8.1f} "
               f"{r['p99_ms'] or 0:>8.1f} {r['errors']:>6} {r['requests']:>5} {r['mean_batch_size']:>10.2f}")
+    for r in ceiling:
+        print(f"{'no model':>8} {r['concurrency']:>5} {r['qps']:>8.1f} {r['p50_ms'] or 0:>8.1f} "
+              f"{r['p99_ms'] or 0:>8.1f} {r['errors']:>6} {r['requests']:>5} {'-':>10}")
     if speedup:
         print(f"batching speed-up at concurrency {top}: {speedup:.2f}x")
+    if meta.get(f"max_possible_speedup_at_{top}"):
+        print(f"speed-up with a model that costs nothing (Serve's own ceiling here): "
+              f"{meta[f'max_possible_speedup_at_{top}']:.2f}x")
     print(f"wrote {args.json}")
     return 0
 
