@@ -64,8 +64,9 @@ LABELS = {"random": "random IDs", "rqkmeans": "RQ-KMeans", "rqvae": "RQ-VAE (L_r
           "rqvae+cost": "L_re + L_co", "pop": "Pop", "dense": "dense (faiss)", "sasrec": "SASRec"}
 SHARED_STAGES = ("prepare", "embed")
 # Suffix of the metrics with the user's whole past masked (RecBole's full-sort protocol, the
-# reference numbers' setting); without it, exclude_seen masks the last max_len items, as the
-# evaluate stage does. Only methods scored here (pop, dense, sasrec) have both.
+# reference numbers' setting, and the evaluate stage's default, evaluate.mask_whole_past); without
+# it, exclude_seen masks the last max_len items. The baselines scored here (pop, dense, sasrec) have
+# both; the generative methods have the one their evaluate stage used.
 FULLMASK = "_fullmask"
 
 # The smoke run: a small synthetic catalog and short training, so CI runs the whole script quickly.
@@ -213,7 +214,9 @@ def run_generative(cfg, run, num_cpus: int | None) -> dict[str, Any]:
 
     metrics = run_pipeline(cfg, run, num_cpus=num_cpus)
     ev = metrics["evaluate"]
-    return {"valid": ev["valid"][METHOD], "test": ev["test"][METHOD],
+    # The evaluate stage masks one protocol: the whole past (mask_whole_past) or the history window.
+    suffix = FULLMASK if cfg.evaluate.exclude_seen and cfg.evaluate.mask_whole_past else ""
+    return {f"valid{suffix}": ev["valid"][METHOD], f"test{suffix}": ev["test"][METHOD],
             "best_epoch": metrics.get("generator", {}).get("best_epoch"),
             "tokenizer": {k: v for k, v in (metrics.get("tokenizer", {}).get("diagnostics") or {}).items()
                           if isinstance(v, (int, float, str))}}
@@ -260,8 +263,9 @@ def run_sasrec(cfg, run, num_cpus: int | None, collect_only: bool = False) -> di
     init_ray(num_cpus=num_cpus)
     ensure_sasrec(cfg, run)
     metrics = run.read_metrics()["sasrec"]
+    window = evaluate_sasrec(cfg, run, mask_full_history=False)
     whole = evaluate_sasrec(cfg, run, mask_full_history=True)
-    return {"valid": metrics["results"]["valid"], "test": metrics["results"]["test"],
+    return {"valid": window["valid"], "test": window["test"],
             f"valid{FULLMASK}": whole["valid"], f"test{FULLMASK}": whole["test"],
             "best_epoch": metrics["best_epoch"], "epochs_run": len(metrics["history"]),
             "train_wall_s": metrics["train_wall_s"]}
@@ -276,7 +280,7 @@ def collect_sasrec(cfg, run) -> dict[str, Any]:
     if not run.exists(BEST):
         raise RuntimeError(f"no {run.uri(BEST)} yet")
     history = run.read_json(HISTORY) if run.exists(HISTORY) else {"history": []}
-    window = evaluate_sasrec(cfg, run)
+    window = evaluate_sasrec(cfg, run, mask_full_history=False)
     whole = evaluate_sasrec(cfg, run, mask_full_history=True)
     return {"valid": window["valid"], "test": window["test"], f"valid{FULLMASK}": whole["valid"],
             f"test{FULLMASK}": whole["test"], "best_epoch": window["best_epoch"],
@@ -290,7 +294,8 @@ def collect_generative(run) -> dict[str, Any]:
     ev = run.read_metrics().get("evaluate")
     if not ev:
         raise RuntimeError(f"{run.uri()} has no evaluate results (run without --collect-only)")
-    return {"valid": ev["valid"][METHOD], "test": ev["test"][METHOD]}
+    suffix = FULLMASK if ev.get("settings", {}).get("masked") == "whole past" else ""
+    return {f"valid{suffix}": ev["valid"][METHOD], f"test{suffix}": ev["test"][METHOD]}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -344,6 +349,8 @@ def markdown(results: dict[str, Any]) -> str:
             lines += [f"{title}:", "", "| method | n | " + " | ".join(short) + " |",
                       "| --- | ---: | " + " | ".join(["---:"] * len(short)) + " |"]
             for method, agg in summary.items():
+                if not agg["seeds"] and not agg["failed"]:
+                    continue  # measured under the other protocol only
                 cells = []
                 for name in names:
                     v = agg.get(name)
@@ -375,7 +382,10 @@ def plot(results: dict[str, Any]) -> bytes | None:
     ks = results["ks"]
     fig, axes = plt.subplots(1, len(datasets), figsize=(5.2 * len(datasets), 4.0), squeeze=False)
     for ax, dataset in zip(axes[0], datasets):
-        for method, agg in results["datasets"][dataset]["summary"].items():
+        entry = results["datasets"][dataset]
+        # The whole-past protocol where a method has it (the reference numbers' one), else the window.
+        summary = {**entry["summary"], **(entry.get("summary_fullmask") or {})}
+        for method, agg in summary.items():
             if not agg["seeds"]:
                 continue
             means = [agg.get(f"recall@{k}", {}).get("mean", math.nan) for k in ks]
@@ -450,7 +460,9 @@ def run_benchmark(args: argparse.Namespace, command: str) -> dict[str, Any]:
                 for method, res in _guard(args, entry, static, seed, lambda: run_static_baselines(cfg_seed, base, static)).items():
                     entry["runs"][method][str(seed)] = res
             for method in generative + (["sasrec"] if "sasrec" in args.methods else []):
-                cfg, _ = dataset_config(args, name, path, seed, GENERATIVE.get(method, []))
+                # SASRec is its own method here, trained once per seed: not again inside each generative run.
+                method_overrides = [*GENERATIVE[method], "sasrec.enabled=false"] if method in GENERATIVE else []
+                cfg, _ = dataset_config(args, name, path, seed, method_overrides)
                 run = RunDir(root.uri(f"{method}-seed{seed}"))
                 t0 = time.time()
                 log.info("%s: %s seed %d -> %s", name, method, seed, run.uri())

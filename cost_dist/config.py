@@ -123,6 +123,9 @@ class TokenizerConfig:
     weight_decay: float = 0.0
     batch_size: int = 256  # per worker; the InfoNCE denominator covers num_workers * batch_size rows
     epochs: int = 50
+    # Epochs between checkpoints (and always the last one): an epoch over a small catalog takes a
+    # fraction of a second, a checkpoint seconds. A resume restarts from the last checkpoint.
+    checkpoint_every: int = 1
     kmeans_init_iters: int = 100
     reseed_dead_codes: bool = True
     dead_code_window: int = 1  # epochs a code may go unused before it is re-seeded
@@ -148,6 +151,9 @@ class GeneratorConfig:
     epochs: int = 30
     patience: int = 5  # epochs without validation NDCG@10 improvement before early stopping
     label_smoothing: float = 0.0
+    # Batches per window regrouped by history length (short histories train on short inputs);
+    # 0 or 1 = off. See cost_dist.generator.data.group_by_length.
+    length_grouping: int = 32
     eval_every: int = 1
     valid_beam_size: int = 20
     valid_max_users: int = 2000  # validation users per epoch (a fixed sample; all when fewer)
@@ -160,6 +166,9 @@ class EvaluateConfig:
     beam_size: int = 40  # >= max(ks)
     batch_size: int = 256  # users per beam-search batch
     exclude_seen: bool = False
+    # With exclude_seen: mask every item of the user's past (RecBole's full-sort protocol, the one
+    # published numbers use), not only the last data.max_len items the models read.
+    mask_whole_past: bool = True
     baselines: list[str] = field(default_factory=lambda: ["pop", "dense"])
     # Also score every item's full ID exactly (teacher forced) and compare with beam search.
     exact_check: bool = False

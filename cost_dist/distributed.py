@@ -220,6 +220,7 @@ def run_training(
         **kwargs,
     )
     log.info("Ray Train run %s/%s on %d worker(s)", storage_path, name, workers.num_workers)
+    _warn_if_no_cpu_left_for_data(workers, bool(datasets))
     try:
         result = trainer.fit()
     except Exception as exc:  # Ray wraps worker errors; surface our own input errors as themselves
@@ -233,6 +234,21 @@ def run_training(
             raise own from None
         raise result.error
     return result
+
+
+def _warn_if_no_cpu_left_for_data(workers: Any, has_datasets: bool) -> None:
+    """Ray Data feeds the workers with tasks that need a CPU of their own: when the workers take every
+    CPU of a fixed-size cluster, ingest is backpressured forever and training hangs at its first batch."""
+    import ray
+
+    if not has_datasets:
+        return
+    total = float(ray.cluster_resources().get("CPU", 0.0))
+    taken = workers.num_workers * float(workers.cpus_per_worker)
+    if total and taken > total - 1:
+        log.warning("the %d training worker(s) take %.0f of the cluster's %.0f CPUs, leaving none for Ray Data's "
+                    "ingest tasks: unless the cluster autoscales, training stalls. Give Ray more logical CPUs "
+                    "(e.g. --num-cpus / `ray start --num-cpus`) or use fewer workers.", workers.num_workers, taken, total)
 
 
 def _find_own_error(exc: BaseException, depth: int = 0) -> CostDistError | None:

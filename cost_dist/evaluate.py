@@ -20,6 +20,7 @@ import numpy as np
 import pyarrow as pa
 
 from cost_dist.config import Config, ConfigError
+from cost_dist.data.splits import sample_users, whole_past
 from cost_dist.errors import DataError
 from cost_dist.metrics import ranking_metrics, ranks_from_scores
 
@@ -44,7 +45,9 @@ class BeamSearchActor:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         histories = [list(h) for h in batch["history"]]
         users = [str(u) for u in batch["user_id"]]
-        recs = self.rec.recommend(histories, users, k=self.k, beam_size=self.beam_size, exclude_seen=self.exclude_seen)
+        seen = [list(s) for s in batch["seen"]] if "seen" in batch else None
+        recs = self.rec.recommend(histories, users, k=self.k, beam_size=self.beam_size, exclude_seen=self.exclude_seen,
+                                  seen=seen)
         return {"user_id": np.array(users, dtype=object), "split": batch["split"],
                 "ranked": np.array([[i for i, _ in r] for r in recs], dtype=object) if recs else np.array([], dtype=object)}
 
@@ -54,7 +57,7 @@ def generator_rankings(run, tables: dict[str, pa.Table], cfg: Config, k: int) ->
     import ray
 
     ecfg, res = cfg.evaluate, cfg.resources.evaluate
-    parts = [pa.table({"user_id": t.column("user_id"), "history": t.column("history"),
+    parts = [pa.table({"user_id": t.column("user_id"), "history": t.column("history"), "seen": t.column("seen"),
                        "split": pa.array([name] * len(t), type=pa.string())}) for name, t in tables.items()]
     ds = ray.data.from_arrow(pa.concat_tables(parts))
     ranked = ds.map_batches(
@@ -109,46 +112,64 @@ def run_evaluate_stage(cfg: Config, run) -> dict[str, Any]:
         sasrec = SASRecRanker.load(run)
 
     results: dict[str, Any] = {"valid": {}, "test": {}}
+    # "seen": what exclude_seen masks per user, for every method alike: the user's whole past
+    # (evaluate.mask_whole_past) or the history window the models read.
+    past = whole_past(run.read_parquet("prepare/sequences.parquet")) if ecfg.exclude_seen and ecfg.mask_whole_past else None
     tables = {}
     for name in ("valid", "test"):
-        table = splits[name]
-        if ecfg.max_users and len(table) > ecfg.max_users:
-            pick = np.sort(np.random.default_rng(cfg.seed).choice(len(table), ecfg.max_users, replace=False))
-            table = table.take(pa.array(pick))
-        tables[name] = table
+        table = sample_users(splits[name], ecfg.max_users, cfg.seed)
+        seen = table.column("history")
+        if past is not None:
+            seen = _align_by_user(past[name], table.column("user_id"), name).column("history")
+        tables[name] = table.append_column("seen", seen)
     t0 = time.time()
     rankings = generator_rankings(run, tables, cfg, k)
     timings = {"beam_search_s": round(time.time() - t0, 2)}
     for name, table in tables.items():
         users = table.column("user_id").to_pylist()
         histories = table.column("history").to_pylist()
+        seen = table.column("seen").to_pylist()
         targets = table.column("target").to_pylist()
         ranked_by_user = rankings[name]
         missing = [u for u in users if u not in ranked_by_user]
         if missing:
             raise DataError(f"beam search returned no ranking for {len(missing)} {name} user(s), e.g. {missing[:3]}")
         results[name][METHOD] = ranking_metrics([ranked_by_user[u] for u in users], targets, ks)
+        # Pop reads the history only to mask it, and dense queries with the last max_len items of
+        # what it is given (the same window as `history`), so both take `seen` directly.
         if pop is not None:
-            results[name]["pop"] = ranking_metrics(pop.rank(histories, k, ecfg.exclude_seen), targets, ks)
+            results[name]["pop"] = ranking_metrics(pop.rank(seen, k, ecfg.exclude_seen), targets, ks)
         if dense is not None:
-            results[name]["dense"] = ranking_metrics(dense.rank(histories, k, cfg.data.max_len, ecfg.exclude_seen), targets, ks)
+            results[name]["dense"] = ranking_metrics(dense.rank(seen, k, cfg.data.max_len, ecfg.exclude_seen), targets, ks)
         if sasrec is not None:
-            results[name]["sasrec"] = ranking_metrics(sasrec.rank(histories, k, ecfg.exclude_seen), targets, ks)
+            results[name]["sasrec"] = ranking_metrics(sasrec.rank(histories, k, ecfg.exclude_seen, seen=seen), targets, ks)
         log.info("evaluate %s (%d users): %s", name, len(users),
                  {m: round(v.get("recall@10", 0.0), 4) for m, v in results[name].items()})
         if name == "test" and ecfg.exact_check:
-            results["exact_check"] = exact_check(cfg, run, catalog, users, histories, targets, ranked_by_user)
+            results["exact_check"] = exact_check(cfg, run, catalog, users, histories, seen, targets, ranked_by_user)
 
     results["num_users"] = {n: len(t) for n, t in tables.items()}
     results["timings"] = timings
     results["settings"] = {"ks": ks, "beam_size": ecfg.beam_size, "exclude_seen": ecfg.exclude_seen,
+                           "masked": ("whole past" if ecfg.mask_whole_past else f"last {cfg.data.max_len} items")
+                           if ecfg.exclude_seen else "nothing",
                            "catalog_size": len(catalog), "checkpoint": "generate/best.pt"}
     run.write_json("evaluate/results.json", results)
     _plot(run, results)
     return {"evaluate": results}
 
 
-def exact_check(cfg: Config, run, catalog, users, histories, targets, ranked_by_user) -> dict[str, Any]:
+def _align_by_user(table: pa.Table, users: pa.ChunkedArray, split: str) -> pa.Table:
+    """Rows of `table` in the order of `users` (both from the same sequences, so every user is there)."""
+    import pyarrow.compute as pc
+
+    idx = pc.index_in(users, value_set=table.column("user_id").combine_chunks())
+    if idx.null_count:
+        raise DataError(f"prepare/sequences.parquet lacks {idx.null_count} {split} user(s) of the splits: rerun prepare")
+    return table.take(idx)
+
+
+def exact_check(cfg: Config, run, catalog, users, histories, seen, targets, ranked_by_user) -> dict[str, Any]:
     """Exhaustive teacher-forced scoring of the whole catalog vs beam search, on a sample of test users."""
     from cost_dist.generator.inference import Recommender
 
@@ -159,7 +180,7 @@ def exact_check(cfg: Config, run, catalog, users, histories, targets, ranked_by_
     rec = Recommender.load(run)
     scores = np.concatenate([rec.score_all(histories[lo:min(lo + 32, n)], users[lo:min(lo + 32, n)]) for lo in range(0, n, 32)], axis=0)
     if ecfg.exclude_seen:
-        for i, h in enumerate(histories[:n]):
+        for i, h in enumerate(seen[:n]):
             scores[i, catalog.rows(h)] = -np.inf
     target_rows = np.array([catalog.row_of.get(t, -1) for t in targets[:n]])
     exact = ranks_from_scores(scores, target_rows, [10])

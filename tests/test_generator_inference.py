@@ -65,6 +65,12 @@ def test_recommend_contract(rec):
     history = [f"i{i}" for i in range(0, 30)]
     got = [i for i, _ in rec.recommend([history], None, k=10, exclude_seen=True)[0]]
     assert len(got) == 10 and not set(got) & set(history)
+    # exclude_seen with the whole past as `seen`: items the model does not read are masked too
+    past = [f"i{i}" for i in range(0, 30)]
+    got = [i for i, _ in rec.recommend([["i1", "i2"]], None, k=10, exclude_seen=True, seen=[past])[0]]
+    assert len(got) == 10 and not set(got) & set(past)
+    with pytest.raises(DataError, match="seen lists"):
+        rec.recommend([["i1"]], None, k=3, exclude_seen=True, seen=[["i1"], ["i2"]])
 
 
 def test_recommend_bad_input(rec):

@@ -128,3 +128,38 @@ def test_rerun_over_a_finished_run(tiny_run, tiny_config, tmp_path):
     assert {"recall@5", "recall@10", "ndcg@5", "ndcg@10"} <= keys
     assert not any(k.endswith(("@20", "@40")) for k in keys), keys
     assert metrics["config"]["evaluate"]["ks"] == [5, 10]
+
+
+def test_early_stopping_counts_bad_evaluations_and_restores():
+    from cost_dist.training import EarlyStopping
+
+    stopping = EarlyStopping(patience=2)
+    assert stopping.update(0.1, {"ndcg@10": 0.1}, 0)
+    assert not stopping.update(0.05, {"ndcg@10": 0.05}, 1) and not stopping.stopped_early
+    restored = EarlyStopping.restore(2, stopping.state())  # as a resumed worker gets it from the checkpoint
+    assert (restored.best, restored.best_epoch, restored.bad_evals) == (0.1, 0, 1)
+    assert not restored.update(0.1, {"ndcg@10": 0.1}, 2) and restored.stopped_early  # a tie is no improvement
+    assert EarlyStopping.restore(3, None) == EarlyStopping(patience=3)
+
+
+def test_evaluate_masks_the_whole_past(tiny_run, tiny_config):
+    """exclude_seen on the evaluation actors masks `seen` (the user's whole past), not only the window read."""
+    import pyarrow as pa
+
+    from cost_dist.data.splits import whole_past
+    from cost_dist.evaluate import _align_by_user, generator_rankings
+    from cost_dist.generator.train import load_splits
+
+    cfg = Config.load(TINY_CONFIG, ["evaluate.exclude_seen=true", "data.max_len=3"])
+    test = load_splits(cfg, tiny_run)["test"].slice(0, 20)
+    past = _align_by_user(whole_past(tiny_run.read_parquet("prepare/sequences.parquet"))["test"],
+                          test.column("user_id"), "test")
+    window = pa.array([h[-3:] for h in test.column("history").to_pylist()], type=pa.list_(pa.string()))
+    table = pa.table({"user_id": test.column("user_id"), "history": window, "seen": past.column("history"),
+                      "target": test.column("target")})
+    ranked = generator_rankings(tiny_run, {"test": table}, cfg, 10)["test"]
+    longer = 0
+    for user, seen in zip(table.column("user_id").to_pylist(), table.column("seen").to_pylist()):
+        assert len(ranked[user]) == 10 and not set(ranked[user]) & set(seen), user
+        longer += len(set(seen)) > 3
+    assert longer > 10  # the whole past is more than the 3-item window for most of these users

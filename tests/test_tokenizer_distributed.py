@@ -19,7 +19,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from cost_dist.config import TokenizerConfig
+from conftest import TINY_CONFIG
+from cost_dist.config import Config, TokenizerConfig
 from cost_dist.distributed import latest_checkpoint_path
 from cost_dist.errors import CheckpointError
 from cost_dist.rundir import RunDir
@@ -165,6 +166,22 @@ def test_resume_after_epoch_1_and_worker_failure_matches_uninterrupted(tiny_run,
     victim.write_bytes(victim.read_bytes()[:100])
     with pytest.raises(CheckpointError, match="model_states.pt is corrupt"):
         run_tokenize_stage(tiny_config, run)
+
+
+def test_checkpoint_every_saves_fewer_checkpoints_and_the_same_model(tiny_run, tiny_config, tmp_path):
+    """tokenizer.checkpoint_every=2 over 3 epochs: checkpoints after epochs 2 and 3 only, same final weights."""
+    run = RunDir(str(tmp_path / "sparse"))
+    for stage in ("prepare", "embed"):
+        _copy_stage(tiny_run, run, stage)
+    _, emb = read_embeddings(run)
+    cfg = Config.load(TINY_CONFIG, ["tokenizer.checkpoint_every=2"])
+    out = train_quantizer(cfg, run, emb)
+    assert out["epochs_done"] == 3 and len(out["history"]) == 3
+    checkpoints = sorted(Path(run.path(RAY_TRAIN_DIR)).rglob("checkpoint_*"))
+    assert len([c for c in checkpoints if c.is_dir()]) == 2, checkpoints
+    reference = tiny_run.read_torch("tokenize/model.pt")["state_dict"]
+    for name, value in reference.items():
+        torch.testing.assert_close(out["state_dict"][name], value, rtol=0, atol=1e-6, msg=name)
 
 
 def test_cli_tokenize_and_assign_bad_inputs_are_one_line_errors(ray_session, tiny_config, tmp_path, capsys):

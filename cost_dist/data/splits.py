@@ -99,3 +99,17 @@ def leave_one_out(sequences: pa.Table, max_len: int) -> dict[str, pa.Table]:
         "target": values.take(pa.array(ends - 1)),
     })
     return {"train": train, "valid": valid, "test": test}
+
+
+def whole_past(sequences: pa.Table) -> dict[str, pa.Table]:
+    """Leave-one-out splits whose histories are the user's whole past (not truncated to max_len):
+    what `exclude_seen` masks under the full-sort protocol."""
+    return leave_one_out(sequences, 2**31 - 1)
+
+
+def sample_users(table: pa.Table, max_users: int, seed: int) -> pa.Table:
+    """The evaluation user sample (`evaluate.max_users`, seeded), so every method sees the same users."""
+    if max_users and len(table) > max_users:
+        pick = np.sort(np.random.default_rng(seed).choice(len(table), max_users, replace=False))
+        return table.take(pa.array(pick))
+    return table

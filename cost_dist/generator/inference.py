@@ -20,7 +20,7 @@ from cost_dist.errors import CheckpointError, DataError
 from cost_dist.generator.constraints import PrefixIndex
 from cost_dist.generator.model import TigerModel
 from cost_dist.generator.search import beam_search, exact_scores
-from cost_dist.generator.vocab import ItemCatalog, Vocabulary, encode_rows
+from cost_dist.generator.vocab import PAD, ItemCatalog, Vocabulary, encode_rows
 
 log = logging.getLogger(__name__)
 
@@ -118,23 +118,37 @@ class Recommender:
         return encode_rows(self.vocab, self.token_table, [self.vocab.user_token(u) for u in user_ids], rows, users=user_ids)
 
     def recommend(self, histories: Sequence[Sequence[str]], user_ids: Sequence[str | None] | None = None, k: int = 10,
-                  beam_size: int | None = None, exclude_seen: bool = False) -> list[list[tuple[str, float]]]:
-        """Top-k distinct real items per user, best first, with their ID log-probs."""
+                  beam_size: int | None = None, exclude_seen: bool = False,
+                  seen: Sequence[Sequence[str]] | None = None) -> list[list[tuple[str, float]]]:
+        """Top-k distinct real items per user, best first, with their ID log-probs.
+
+        With exclude_seen, the items of `seen` (default: the histories themselves) are never returned;
+        pass the user's whole past as `seen` to mask more than the last max_len items the model reads.
+        """
         if k < 1:
             raise DataError(f"k must be >= 1, got {k}")
+        if seen is not None and len(seen) != len(histories):
+            raise DataError(f"{len(histories)} histories but {len(seen)} seen lists")
+        masked = seen if seen is not None else histories
         beam = max(beam_size or self.default_beam_size, k)
         with self._lock:
             inputs = self.encode(histories, user_ids)
-            out: list[list[tuple[str, float]]] = []
+            # Users in order of masked-item count, then history length: each chunk's beam is widened by
+            # its largest exclusion count and its encoder input trimmed to its longest history, so
+            # similar users share a chunk. Answers go back in the callers' order.
+            excluded = np.array([len(set(m)) for m in masked]) if exclude_seen else np.zeros(len(histories))
+            order = np.lexsort(((inputs != PAD).sum(1), excluded))
+            out: list[list[tuple[str, float]]] = [[] for _ in histories]
             for lo in range(0, len(histories), self.batch_size):
-                batch = torch.from_numpy(inputs[lo:lo + self.batch_size]).to(self.device)
+                chunk = order[lo:lo + self.batch_size]
+                batch = torch.from_numpy(inputs[chunk]).to(self.device)
                 exclude = None
                 if exclude_seen:
-                    exclude = [torch.from_numpy(np.unique(self.catalog.rows(h))) for h in histories[lo:lo + self.batch_size]]
+                    exclude = [torch.from_numpy(np.unique(self.catalog.rows(masked[i]))) for i in chunk]
                 rows, scores = beam_search(self.model, self.index, batch, k=k, beam_size=beam, exclude_rows=exclude)
                 rows, scores = rows.cpu().numpy(), scores.cpu().numpy()
-                for r, s in zip(rows, scores):
-                    out.append([(self.catalog.item_ids[i], float(v)) for i, v in zip(r, s) if i >= 0])
+                for i, r, s in zip(chunk, rows, scores):
+                    out[i] = [(self.catalog.item_ids[j], float(v)) for j, v in zip(r, s) if j >= 0]
             return out
 
     def score_all(self, histories: Sequence[Sequence[str]], user_ids: Sequence[str | None] | None = None,

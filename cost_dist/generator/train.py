@@ -31,8 +31,9 @@ import pyarrow as pa
 
 from cost_dist.config import Config, GeneratorConfig
 from cost_dist.errors import CheckpointError, DataError
-from cost_dist.generator.data import eval_examples, training_examples
+from cost_dist.generator.data import eval_examples, group_by_length, training_examples
 from cost_dist.generator.vocab import ItemCatalog, Vocabulary
+from cost_dist.training import EarlyStopping, cpu_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -169,26 +170,27 @@ def generator_train_loop(config: dict) -> None:
     run = RunDir(config["run_uri"])
     token_table = torch.from_numpy(vocab.item_tokens(config["semantic_ids"])).to(device)
     index = PrefixIndex(config["semantic_ids"], [s for _, s in vocab.position_ranges]).to(device)
-    valid = torch.from_numpy(np.ascontiguousarray(config["valid"][rank::world])).to(device)
+    valid = config["valid"][rank::world]
+    # Shortest histories first: each beam-search chunk is trimmed to its longest history.
+    valid = valid[np.argsort((valid[:, 2:] >= 0).sum(1), kind="stable")]
+    valid = torch.from_numpy(np.ascontiguousarray(valid)).to(device)
 
     state = D.load_latest_checkpoint(engine) or {}
     start_epoch = int(state["epoch"]) + 1 if "epoch" in state else 0
-    history: list[dict] = list(state.get("history", []))
-    best = float(state.get("best", -1.0))
-    best_epoch = int(state.get("best_epoch", -1))
-    best_valid = dict(state.get("best_valid", {}))
-    bad_evals = int(state.get("bad_evals", 0))
-    stopped = bool(state.get("stopped_early", False))
+    stopping = EarlyStopping.restore(gcfg.patience, state)
     if start_epoch:
-        log.info("rank %d: resuming at epoch %d (best NDCG@10 %.4f at epoch %d)", rank, start_epoch, best, best_epoch)
+        log.info("rank %d: resuming at epoch %d (best NDCG@10 %.4f at epoch %d)", rank, start_epoch, stopping.best,
+                 stopping.best_epoch)
 
     for epoch in range(start_epoch, gcfg.epochs):
-        if stopped:
+        if stopping.stopped_early:
             break
         engine.train()
         total, count = 0.0, 0
-        for packed in D.dataset_shard_batches("train", config["micro_batch_size"], dtype=torch.int64, column="data",
-                                             shuffle_buffer=min(config["num_examples"], 50_000), seed=config["seed"] * 1000 + epoch):
+        seed = config["seed"] * 1000 + epoch
+        batches = D.dataset_shard_batches("train", config["micro_batch_size"], dtype=torch.int64, column="data",
+                                          shuffle_buffer=min(config["num_examples"], 50_000), seed=seed)
+        for packed in group_by_length(batches, gcfg.length_grouping, seed):
             input_ids, targets = examples_to_tensors(packed, token_table, vocab.max_len)
             loss = engine(input_ids, targets, gcfg.label_smoothing)
             engine.backward(loss)
@@ -202,30 +204,18 @@ def generator_train_loop(config: dict) -> None:
         if (epoch + 1) % max(gcfg.eval_every, 1) == 0 or epoch == gcfg.epochs - 1:
             metrics = validate(engine.module, index, valid, token_table, vocab, gcfg.valid_beam_size, device)
             entry.update({"valid_recall@10": round(metrics["recall@10"], 5), "valid_ndcg@10": round(metrics["ndcg@10"], 5)})
-            if metrics["ndcg@10"] > best:
-                best, best_epoch, best_valid, bad_evals = metrics["ndcg@10"], epoch, dict(metrics), 0
-                if rank == 0:
-                    run.write_torch(BEST, {"config": config["generator"], "vocab": vocab.to_dict(), "epoch": epoch,
-                                           "valid": metrics, "state_dict": _cpu_state(engine.module)})
-            else:
-                bad_evals += 1
-                stopped = bad_evals >= gcfg.patience
-        history.append(entry)
+            if stopping.update(metrics["ndcg@10"], metrics, epoch) and rank == 0:
+                run.write_torch(BEST, {"config": config["generator"], "vocab": vocab.to_dict(), "epoch": epoch,
+                                       "valid": metrics, "state_dict": cpu_state_dict(engine.module)})
+        stopping.history.append(entry)
         log.info("rank %d epoch %d: %s", rank, epoch, entry)
-        loop_state = {"history": history, "best": best, "best_epoch": best_epoch, "best_valid": best_valid,
-                      "bad_evals": bad_evals, "stopped_early": stopped}
         if rank == 0:
             run.write_torch(LAST, {"config": config["generator"], "vocab": vocab.to_dict(), "epoch": epoch,
-                                   "state_dict": _cpu_state(engine.module)})
-            run.write_json(HISTORY, {**loop_state, "num_params": num_params})
-        D.save_checkpoint(engine, epoch, {k: v for k, v in entry.items() if k != "epoch"}, extra=loop_state)
+                                   "state_dict": cpu_state_dict(engine.module)})
+            run.write_json(HISTORY, {**stopping.state(), "num_params": num_params})
+        D.save_checkpoint(engine, epoch, {k: v for k, v in entry.items() if k != "epoch"}, extra=stopping.state())
     if rank == 0 and not run.exists(HISTORY):
-        run.write_json(HISTORY, {"history": history, "best": best, "best_epoch": best_epoch, "best_valid": best_valid,
-                                 "bad_evals": bad_evals, "stopped_early": stopped, "num_params": num_params})
-
-
-def _cpu_state(module) -> dict:
-    return {k: v.detach().float().cpu() for k, v in module.state_dict().items()}
+        run.write_json(HISTORY, {**stopping.state(), "num_params": num_params})
 
 
 def validate(model, index, valid, token_table, vocab: Vocabulary, beam_size: int, device, batch_users: int = 128) -> dict[str, float]:

@@ -14,6 +14,7 @@ import numpy as np
 import pyarrow as pa
 
 from cost_dist.config import Config
+from cost_dist.data.splits import sample_users, whole_past
 from cost_dist.errors import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -124,28 +125,21 @@ class SASRecRanker:
         return out
 
 
-def sample_users(table: pa.Table, max_users: int, seed: int) -> pa.Table:
-    """The evaluate stage's user sample (same rule and seed), so every method sees the same users."""
-    if max_users and len(table) > max_users:
-        pick = np.sort(np.random.default_rng(seed).choice(len(table), max_users, replace=False))
-        return table.take(pa.array(pick))
-    return table
-
-
 def full_past(run) -> dict[str, pa.Table]:
     """Leave-one-out splits whose histories are the user's whole past (not truncated to max_len)."""
-    from cost_dist.data.splits import leave_one_out
-
-    return leave_one_out(run.read_parquet("prepare/sequences.parquet"), 2**31 - 1)
+    return whole_past(run.read_parquet("prepare/sequences.parquet"))
 
 
 def evaluate_sasrec(cfg: Config, run, splits: dict[str, pa.Table] | None = None,
-                    ranker: SASRecRanker | None = None, mask_full_history: bool = False) -> dict[str, Any]:
+                    ranker: SASRecRanker | None = None, mask_full_history: bool | None = None) -> dict[str, Any]:
     """{"valid": {...}, "test": {...}} Recall/NDCG@K of the best-on-validation SASRec (evaluate.ks).
 
-    With evaluate.exclude_seen, the last max_len items are masked (as the evaluate stage does), or
-    with mask_full_history the user's whole past (RecBole's full-sort protocol).
+    With evaluate.exclude_seen, the user's whole past is masked (RecBole's full-sort protocol, as the
+    evaluate stage does) or, with mask_full_history false (default: not evaluate.mask_whole_past),
+    only the last max_len items the model reads.
     """
+    if mask_full_history is None:
+        mask_full_history = cfg.evaluate.mask_whole_past
     from cost_dist.metrics import ranking_metrics
     from cost_dist.sasrec.train import load_splits
 

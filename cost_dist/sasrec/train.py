@@ -35,6 +35,7 @@ from cost_dist.config import Config, ConfigError, SASRecConfig
 from cost_dist.errors import CheckpointError, DataError
 from cost_dist.rundir import fingerprint
 from cost_dist.sasrec.data import ItemIndex, eval_arrays, training_windows
+from cost_dist.training import EarlyStopping, cpu_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -216,17 +217,13 @@ def sasrec_train_loop(config: dict) -> None:
 
     state = D.load_latest_checkpoint(engine) or {}
     start_epoch = int(state["epoch"]) + 1 if "epoch" in state else 0
-    history: list[dict] = list(state.get("history", []))
-    best = float(state.get("best", -1.0))
-    best_epoch = int(state.get("best_epoch", -1))
-    best_valid = dict(state.get("best_valid", {}))
-    bad_evals = int(state.get("bad_evals", 0))
-    stopped = bool(state.get("stopped_early", False))
+    stopping = EarlyStopping.restore(scfg.patience, state)
     if start_epoch:
-        log.info("rank %d: resuming SASRec at epoch %d (best NDCG@10 %.4f at epoch %d)", rank, start_epoch, best, best_epoch)
+        log.info("rank %d: resuming SASRec at epoch %d (best NDCG@10 %.4f at epoch %d)", rank, start_epoch,
+                 stopping.best, stopping.best_epoch)
 
     for epoch in range(start_epoch, scfg.epochs):
-        if stopped:
+        if stopping.stopped_early:
             break
         t0 = time.time()
         engine.train()
@@ -247,26 +244,17 @@ def sasrec_train_loop(config: dict) -> None:
         if (epoch + 1) % scfg.eval_every == 0 or epoch == scfg.epochs - 1:
             metrics = validate(engine.module, valid_hist, valid_target, config["exclude_seen"], device)
             entry.update({"valid_recall@10": round(metrics["recall@10"], 5), "valid_ndcg@10": round(metrics["ndcg@10"], 5)})
-            if metrics["ndcg@10"] > best:
-                best, best_epoch, best_valid, bad_evals = metrics["ndcg@10"], epoch, dict(metrics), 0
-                if rank == 0:
-                    run.write_torch(BEST, {"config": config["sasrec"], "num_items": config["num_items"],
-                                           "max_len": config["max_len"], "item_ids": config["item_ids"],
-                                           "epoch": epoch, "valid": metrics, "state_dict": _cpu_state(engine.module)})
-            else:
-                bad_evals += 1
-                stopped = bad_evals >= scfg.patience
-        history.append(entry)
+            if stopping.update(metrics["ndcg@10"], metrics, epoch) and rank == 0:
+                run.write_torch(BEST, {"config": config["sasrec"], "num_items": config["num_items"],
+                                       "max_len": config["max_len"], "item_ids": config["item_ids"],
+                                       "epoch": epoch, "valid": metrics, "state_dict": cpu_state_dict(engine.module)})
+        stopping.history.append(entry)
         log.info("rank %d sasrec epoch %d: %s", rank, epoch, entry)
-        loop_state = {"history": history, "best": best, "best_epoch": best_epoch, "best_valid": best_valid,
-                      "bad_evals": bad_evals, "stopped_early": stopped}
         if rank == 0:
-            run.write_json(HISTORY, {**loop_state, "num_params": num_params, "num_train_windows": n})
-        D.save_checkpoint(engine, epoch, {k: v for k, v in entry.items() if k != "epoch"}, extra=loop_state)
+            run.write_json(HISTORY, {**stopping.state(), "num_params": num_params, "num_train_windows": n})
+        D.save_checkpoint(engine, epoch, {k: v for k, v in entry.items() if k != "epoch"}, extra=stopping.state())
     if rank == 0 and not run.exists(HISTORY):
-        run.write_json(HISTORY, {"history": history, "best": best, "best_epoch": best_epoch, "best_valid": best_valid,
-                                 "bad_evals": bad_evals, "stopped_early": stopped, "num_params": num_params,
-                                 "num_train_windows": n})
+        run.write_json(HISTORY, {**stopping.state(), "num_params": num_params, "num_train_windows": n})
 
 
 def _loss(engine, x, y):
@@ -276,10 +264,6 @@ def _loss(engine, x, y):
     hidden = engine(x)
     logits = engine.module.item_logits(hidden)
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1) - 1, ignore_index=-1)
-
-
-def _cpu_state(module) -> dict:
-    return {k: v.detach().float().cpu() for k, v in module.state_dict().items()}
 
 
 def validate(model, histories, targets, exclude_seen: bool, device, batch_users: int = 512) -> dict[str, float]:

@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from cost_dist.errors import CostDistError, DataError
+from cost_dist.training import cpu_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -243,11 +244,15 @@ def quantizer_train_loop(config: dict) -> None:
                      epoch + 1, tcfg.epochs, entry["loss"], entry["loss_rq"],
                      "".join(f" {k[5:]} {entry[k]:.5f}" for k in ("loss_re", "loss_co") if k in entry),
                      entry["recon_cos"], entry["codes_used"], reseeded, entry["samples_per_s"])
-        state = {k: v.detach().float().cpu() for k, v in engine.module.state_dict().items()}
         metrics = {k: v for k, v in entry.items() if not isinstance(v, list)}
-        D.save_checkpoint(engine, epoch, metrics, extra={"history": history, "dead_age": dead_age.clone(),
-                                                         "model_state": state if rank == 0 else None})
-        if stop_after is not None and epoch + 1 >= int(stop_after):
+        stopping = stop_after is not None and epoch + 1 >= int(stop_after)
+        if (epoch + 1) % max(1, tcfg.checkpoint_every) == 0 or epoch + 1 == tcfg.epochs or stopping:
+            state = cpu_state_dict(engine.module)
+            D.save_checkpoint(engine, epoch, metrics, extra={"history": history, "dead_age": dead_age.clone(),
+                                                             "model_state": state if rank == 0 else None})
+        else:
+            D.report(dict(metrics, epoch=int(epoch)))
+        if stopping:
             break
 
 
