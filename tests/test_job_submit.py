@@ -269,18 +269,23 @@ def _generate_checkpoints(run_dir: Path) -> list[Path]:
     return [p for p in (run_dir / "generate").rglob("checkpoint_*") if p.is_dir()] if (run_dir / "generate").exists() else []
 
 
-def test_interrupted_job_resumes_to_the_same_metrics(ray_head, finished_job, tmp_path, monkeypatch):
-    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # for the in-process job SDK client, like the CLI's env
-    reference_dir, _ = finished_job
+def copy_upstream(reference_dir: Path, run_dir: Path) -> None:
+    """Upstream stages (and their metrics) as the first job left them, so only generate and evaluate run."""
     reference = json.loads((reference_dir / "metrics.json").read_text())
-    run_dir = tmp_path / "run"
     run_dir.mkdir()
-    # Upstream stages as the first job left them, so only generate and evaluate run here.
     for stage in UPSTREAM_OF_GENERATE:
         shutil.copytree(reference_dir / stage, run_dir / stage)
     upstream_metrics = {k: v for k, v in reference.items() if k not in ("generator", "evaluate", "last_run")}
     upstream_metrics["timings"] = {s: reference["timings"][s] for s in UPSTREAM_OF_GENERATE}
     (run_dir / "metrics.json").write_text(json.dumps(upstream_metrics))
+
+
+def test_interrupted_job_resumes_to_the_same_metrics(ray_head, finished_job, tmp_path, monkeypatch):
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # for the in-process job SDK client, like the CLI's env
+    reference_dir, _ = finished_job
+    reference = json.loads((reference_dir / "metrics.json").read_text())
+    run_dir = tmp_path / "run"
+    copy_upstream(reference_dir, run_dir)
     upstream = marker_mtimes(run_dir, UPSTREAM_OF_GENERATE)
 
     submission_id = f"interrupt-{os.getpid()}-{int(time.time())}"
@@ -313,3 +318,35 @@ def test_interrupted_job_resumes_to_the_same_metrics(ray_head, finished_job, tmp
     for method in ("cost-dist", "pop", "dense"):
         for key, value in reference["evaluate"]["test"][method].items():
             assert metrics["evaluate"]["test"][method][key] == pytest.approx(value, abs=1e-6), (method, key)
+
+
+def test_two_concurrent_jobs_with_different_runs_do_not_interfere(ray_head, finished_job, tmp_path, monkeypatch):
+    """Two jobs on one cluster at once, each over its own run directory (upstream stages copied from
+    the first job): both succeed, each writes only its own run, and both reach the first job's metrics."""
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # for the in-process job SDK client, like the CLI's env
+    reference_dir, _ = finished_job
+    reference = json.loads((reference_dir / "metrics.json").read_text())
+    runs = {name: tmp_path / name for name in ("run-a", "run-b")}
+    for run_dir in runs.values():
+        copy_upstream(reference_dir, run_dir)
+    reference_markers = marker_mtimes(reference_dir)
+
+    ids = {name: f"{name}-{os.getpid()}-{int(time.time())}" for name in runs}
+    for name, run_dir in runs.items():
+        _assert_ok(submit(ray_head, run_dir, wait=False, submission_id=ids[name]))
+    deadline = time.time() + 2 * JOB_TIMEOUT
+    while (statuses := {n: job_status(ray_head, i) for n, i in ids.items()}) and \
+            any(s not in ("SUCCEEDED", "FAILED", "STOPPED") for s in statuses.values()):
+        assert time.time() < deadline, f"jobs still running after {2 * JOB_TIMEOUT} s: {statuses}"
+        time.sleep(5)
+    assert set(statuses.values()) == {"SUCCEEDED"}, statuses
+
+    for name, run_dir in runs.items():
+        metrics = check_artefacts(run_dir)
+        assert metrics["last_run"]["stages_run"] == ["generate", "evaluate"], name
+        # Ray Train's storage for each job is inside its own run directory, under its own name.
+        assert [p.name for p in (run_dir / "generate").iterdir() if p.name == "ray_train"] == ["ray_train"]
+        for method in ("cost-dist", "pop", "dense"):
+            for key, value in reference["evaluate"]["test"][method].items():
+                assert metrics["evaluate"]["test"][method][key] == pytest.approx(value, abs=1e-6), (name, method, key)
+    assert marker_mtimes(reference_dir) == reference_markers  # the first job's run is untouched
