@@ -59,7 +59,10 @@ def generator_rankings(run, tables: dict[str, pa.Table], cfg: Config, k: int) ->
     ecfg, res = cfg.evaluate, cfg.resources.evaluate
     parts = [pa.table({"user_id": t.column("user_id"), "history": t.column("history"), "seen": t.column("seen"),
                        "split": pa.array([name] * len(t), type=pa.string())}) for name, t in tables.items()]
-    ds = ray.data.from_arrow(pa.concat_tables(parts))
+    # One block per beam-search batch, so every actor of the pool gets work (one table would be one block).
+    users = pa.concat_tables(parts)
+    step = max(1, ecfg.batch_size)
+    ds = ray.data.from_arrow([users.slice(lo, step) for lo in range(0, max(len(users), 1), step)])
     ranked = ds.map_batches(
         BeamSearchActor,
         fn_constructor_args=(run.uri(), k, ecfg.beam_size, ecfg.exclude_seen, ecfg.batch_size, max(1, int(res.num_cpus))),
