@@ -341,7 +341,7 @@ def markdown(results: dict[str, Any]) -> str:
                   f"items: {entry.get('num_items', '?')}", "",
                   ]
         tables = [("History masked: the user's whole past (the reference numbers' protocol)", entry.get("summary_fullmask") or {}),
-                  (f"History masked: the last max_len items (the evaluate stage's protocol)" if entry["exclude_seen"]
+                  (f"History masked: the last max_len items only" if entry["exclude_seen"]
                    else "No masking (evaluate.exclude_seen false)", entry["summary"])]
         for title, summary in tables:
             if not summary:
