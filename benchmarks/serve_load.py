@@ -145,12 +145,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=20, help="requests before each mode's measurements")
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--num-cpus", type=int, default=4, help="logical CPUs of the local Ray cluster")
+    parser.add_argument("--standard-serve", action="store_true",
+                        help="Ray Serve's standard mode instead of its throughput-optimized one "
+                             "(RAY_SERVE_THROUGHPUT_OPTIMIZED, which cost-dist's local clusters turn on)")
     parser.add_argument("--no-ceiling", action="store_true",
                         help="skip the ceiling run (the same topology with no model: Serve's own limit here)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from cost_dist.distributed import SERVE_THROUGHPUT_FLAG, init_ray
+
+    if args.standard_serve:
+        os.environ[SERVE_THROUGHPUT_FLAG] = "0"
 
     import ray
     import requests
@@ -166,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     base = f"http://127.0.0.1:{args.port}"
 
     load_before = os.getloadavg()
-    ray.init(address="local", num_cpus=args.num_cpus, runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}})
+    init_ray(num_cpus=args.num_cpus, address="local")  # throughput-optimized Serve unless --standard-serve
     serve.start(http_options={"host": "127.0.0.1", "port": args.port})
     rows: list[dict] = []
     ceiling: list[dict] = []
@@ -201,6 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     speedup = (by[(True, top)]["qps"] / by[(False, top)]["qps"]) if by[(False, top)]["qps"] else None
     meta = {"run": run.uri(), "max_batch_size": cfg.serve.max_batch_size,
             "batch_wait_timeout_s": cfg.serve.batch_wait_timeout_s, "beam_size": cfg.serve.beam_size, "k": args.k,
+            "serve_throughput_optimized": os.environ.get(SERVE_THROUGHPUT_FLAG) == "1",
             "requests_per_level": args.requests, "time_cap_s": args.time_cap, "cpus": os.cpu_count(),
             # 1-minute load average before and after: figures from a shared, busy machine are not comparable
             # with an idle one's.

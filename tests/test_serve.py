@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import shlex
 import socket
+import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 import requests
@@ -87,6 +90,27 @@ def test_healthz_version_docs(app, tiny_run):
     assert docs.status_code == 200 and "swagger" in docs.text.lower()
     spec = requests.get(f"{app['base']}/openapi.json", timeout=30).json()
     assert {"/recommend", "/tokenize", "/items", "/items/{item_id}", "/healthz", "/version"} <= set(spec["paths"])
+
+
+def readme_curl_commands() -> list[str]:
+    """The `curl` lines of the README's Serving section."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("## Serving", 1)[1].split("\n## ", 1)[0]
+    return [line.strip() for line in section.splitlines() if line.strip().startswith("curl ")]
+
+
+def test_readme_curl_examples_work(app):
+    """Every curl example of the README, run as written with real curl (only the port differs)."""
+    commands = readme_curl_commands()
+    paths = {next(a for a in shlex.split(c) if a.startswith("localhost:8000")) for c in commands}
+    assert {"localhost:8000/recommend", "localhost:8000/tokenize", "localhost:8000/items", "localhost:8000/healthz"} <= paths
+    port = app["base"].rsplit(":", 1)[1]
+    for command in commands:
+        args = [a.replace("localhost:8000", f"127.0.0.1:{port}") for a in shlex.split(command)]
+        done = subprocess.run([*args, "-w", "\n%{http_code}"], capture_output=True, text=True, timeout=120)
+        body, _, status = done.stdout.rpartition("\n")
+        assert done.returncode == 0 and status.startswith("2"), f"{command}\n-> {status}: {body[:500]}"
+        json.loads(body)  # every answer is JSON
 
 
 def test_recommend_matches_the_library(app, histories, catalog, tiny_run):

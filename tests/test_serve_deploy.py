@@ -54,7 +54,10 @@ def ray_head(tmp_path):
     """A separate Ray head on free ports, started from the repo root so import_path resolves."""
     gcs, dash, client, node_mgr, obj_mgr, agent, agent_grpc, metrics, rt_env, http = free_ports(10)
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env.update({"RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})
+    # As the README starts a head for `serve deploy`: no token auth (private ports), Serve's
+    # throughput-optimized mode.
+    env.update({"RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+                "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"})
     cmd = [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
            "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
            f"--ray-client-server-port={client}", f"--node-manager-port={node_mgr}",
