@@ -226,7 +226,7 @@ def run_static_baselines(cfg, base, methods: list[str]) -> dict[str, dict[str, A
     """Pop and dense on the base run, scored like the evaluate stage (same users, ks, exclude_seen)."""
     from cost_dist.baselines import DenseRanker, PopularityRanker
     from cost_dist.metrics import ranking_metrics
-    from cost_dist.sasrec.inference import full_past, sample_users
+    from cost_dist.data.splits import run_whole_past, sample_users
     from cost_dist.sasrec.train import load_splits
 
     ks = sorted(set(int(k) for k in cfg.evaluate.ks))
@@ -237,7 +237,7 @@ def run_static_baselines(cfg, base, methods: list[str]) -> dict[str, dict[str, A
     if "dense" in methods:
         dense = DenseRanker(base.read_parquet("embed/embeddings.parquet"), base.uri("embed/embeddings.parquet"))
         rankers["dense"] = lambda h: dense.rank(h, ks[-1], cfg.data.max_len, cfg.evaluate.exclude_seen)
-    past = full_past(base)
+    past = run_whole_past(base)
     out: dict[str, dict[str, Any]] = {}
     for method, rank in rankers.items():
         t0 = time.time()

@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 
 from cost_dist.config import Config, ConfigError
-from cost_dist.data.splits import sample_users, whole_past
+from cost_dist.data.splits import run_whole_past, sample_users
 from cost_dist.errors import DataError
 from cost_dist.metrics import ranking_metrics, ranks_from_scores
 
@@ -117,7 +117,7 @@ def run_evaluate_stage(cfg: Config, run) -> dict[str, Any]:
     results: dict[str, Any] = {"valid": {}, "test": {}}
     # "seen": what exclude_seen masks per user, for every method alike: the user's whole past
     # (evaluate.mask_whole_past) or the history window the models read.
-    past = whole_past(run.read_parquet("prepare/sequences.parquet")) if ecfg.exclude_seen and ecfg.mask_whole_past else None
+    past = run_whole_past(run) if ecfg.exclude_seen and ecfg.mask_whole_past else None
     tables = {}
     for name in ("valid", "test"):
         table = sample_users(splits[name], ecfg.max_users, cfg.seed)

@@ -107,6 +107,11 @@ def whole_past(sequences: pa.Table) -> dict[str, pa.Table]:
     return leave_one_out(sequences, 2**31 - 1)
 
 
+
+def run_whole_past(run) -> dict[str, pa.Table]:
+    """`whole_past` of a run's prepared sequences (RUN/prepare/sequences.parquet)."""
+    return whole_past(run.read_parquet("prepare/sequences.parquet"))
+
 def sample_users(table: pa.Table, max_users: int, seed: int) -> pa.Table:
     """The evaluation user sample (`evaluate.max_users`, seeded), so every method sees the same users."""
     if max_users and len(table) > max_users:

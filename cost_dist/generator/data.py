@@ -89,6 +89,11 @@ def _pack(vocab: Vocabulary, utok: np.ndarray, target: np.ndarray, rows: np.ndar
     return out.astype(np.int32)
 
 
+def history_lengths(packed):
+    """Items in each packed row's history ([B, 2 + max_len]: user, target, items padded with -1); numpy or torch."""
+    return (packed[:, 2:] >= 0).sum(1)
+
+
 def examples_to_tensors(packed: torch.Tensor, token_table: torch.Tensor, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
     """[B, 2 + max_len] packed rows -> encoder input_ids [B, T] and target tokens [B, L] (same layout as encode_rows)."""
     packed = packed.long()
@@ -101,7 +106,7 @@ def examples_to_tensors(packed: torch.Tensor, token_table: torch.Tensor, max_len
     input_ids = torch.full((B, 2 + max_len * L), PAD, dtype=torch.long, device=packed.device)
     input_ids[:, 0] = packed[:, 0]
     input_ids[:, 1:1 + max_len * L] = body
-    lengths = valid.sum(1)
+    lengths = history_lengths(packed)
     input_ids[torch.arange(B, device=packed.device), 1 + lengths * L] = EOS
     targets = token_table[packed[:, 1]]
     # Columns after the longest history's EOS are PAD in every row: drop them (shorter batches, same result).
@@ -135,8 +140,7 @@ def group_by_length(batches: Iterable[torch.Tensor], window: int, seed: int) -> 
 
 def _regroup(buffer: list[torch.Tensor], rng: torch.Generator) -> Iterator[torch.Tensor]:
     packed = torch.cat(buffer)
-    lengths = (packed[:, 2:] >= 0).sum(1)
-    packed = packed[torch.argsort(lengths, stable=True)]
+    packed = packed[torch.argsort(history_lengths(packed), stable=True)]
     chunks = torch.split(packed, [len(b) for b in buffer])
     for i in torch.randperm(len(chunks), generator=rng).tolist():
         yield chunks[i]

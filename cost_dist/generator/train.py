@@ -31,7 +31,7 @@ import pyarrow as pa
 
 from cost_dist.config import Config, GeneratorConfig
 from cost_dist.errors import CheckpointError, DataError
-from cost_dist.generator.data import eval_examples, group_by_length, training_examples
+from cost_dist.generator.data import eval_examples, group_by_length, history_lengths, training_examples
 from cost_dist.generator.vocab import ItemCatalog, Vocabulary
 from cost_dist.training import EarlyStopping, cpu_state_dict
 
@@ -172,7 +172,7 @@ def generator_train_loop(config: dict) -> None:
     index = PrefixIndex(config["semantic_ids"], [s for _, s in vocab.position_ranges]).to(device)
     valid = config["valid"][rank::world]
     # Shortest histories first: each beam-search chunk is trimmed to its longest history.
-    valid = valid[np.argsort((valid[:, 2:] >= 0).sum(1), kind="stable")]
+    valid = valid[np.argsort(history_lengths(valid), kind="stable")]
     valid = torch.from_numpy(np.ascontiguousarray(valid)).to(device)
 
     state = D.load_latest_checkpoint(engine) or {}

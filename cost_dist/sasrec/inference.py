@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 
 from cost_dist.config import Config
-from cost_dist.data.splits import sample_users, whole_past
+from cost_dist.data.splits import run_whole_past, sample_users
 from cost_dist.errors import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -125,11 +125,6 @@ class SASRecRanker:
         return out
 
 
-def full_past(run) -> dict[str, pa.Table]:
-    """Leave-one-out splits whose histories are the user's whole past (not truncated to max_len)."""
-    return whole_past(run.read_parquet("prepare/sequences.parquet"))
-
-
 def evaluate_sasrec(cfg: Config, run, splits: dict[str, pa.Table] | None = None,
                     ranker: SASRecRanker | None = None, mask_full_history: bool | None = None) -> dict[str, Any]:
     """{"valid": {...}, "test": {...}} Recall/NDCG@K of the best-on-validation SASRec (evaluate.ks).
@@ -145,7 +140,7 @@ def evaluate_sasrec(cfg: Config, run, splits: dict[str, pa.Table] | None = None,
 
     ks = sorted(set(int(k) for k in cfg.evaluate.ks))
     splits = splits if splits is not None else load_splits(cfg, run)
-    past = full_past(run) if mask_full_history else None
+    past = run_whole_past(run) if mask_full_history else None
     ranker = ranker or SASRecRanker.load(run)
     out: dict[str, Any] = {}
     for name in ("valid", "test"):

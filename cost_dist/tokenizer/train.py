@@ -245,14 +245,14 @@ def quantizer_train_loop(config: dict) -> None:
                      "".join(f" {k[5:]} {entry[k]:.5f}" for k in ("loss_re", "loss_co") if k in entry),
                      entry["recon_cos"], entry["codes_used"], reseeded, entry["samples_per_s"])
         metrics = {k: v for k, v in entry.items() if not isinstance(v, list)}
-        stopping = stop_after is not None and epoch + 1 >= int(stop_after)
-        if (epoch + 1) % max(1, tcfg.checkpoint_every) == 0 or epoch + 1 == tcfg.epochs or stopping:
+        last_before_stop = stop_after is not None and epoch + 1 >= int(stop_after)
+        if (epoch + 1) % max(1, tcfg.checkpoint_every) == 0 or epoch + 1 == tcfg.epochs or last_before_stop:
             state = cpu_state_dict(engine.module)
             D.save_checkpoint(engine, epoch, metrics, extra={"history": history, "dead_age": dead_age.clone(),
                                                              "model_state": state if rank == 0 else None})
         else:
             D.report(dict(metrics, epoch=int(epoch)))
-        if stopping:
+        if last_before_stop:
             break
 
 
