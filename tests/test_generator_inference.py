@@ -11,7 +11,7 @@ import torch
 
 from cost_dist.config import GeneratorConfig
 from cost_dist.errors import CheckpointError, DataError
-from cost_dist.generator.inference import Recommender
+from cost_dist.generator.inference import Recommender, beam_chunks
 from cost_dist.generator.model import TigerModel
 from cost_dist.generator.testing import random_semantic_ids
 from cost_dist.generator.vocab import Vocabulary
@@ -71,6 +71,28 @@ def test_recommend_contract(rec):
     assert len(got) == 10 and not set(got) & set(past)
     with pytest.raises(DataError, match="seen lists"):
         rec.recommend([["i1"]], None, k=3, exclude_seen=True, seen=[["i1"], ["i2"]])
+
+
+def test_beam_chunks_bound_the_beams_of_a_pass():
+    """Users with many seen items get passes of their own instead of widening everyone's beam."""
+    excluded = np.array([0, 0, 1, 2, 5, 30, 200, 5000])  # already ascending, as recommend sorts them
+    order = np.arange(len(excluded))
+    chunks = beam_chunks(order, excluded, max_users=4, beam=10)
+    assert np.concatenate(chunks).tolist() == order.tolist()  # every user once, in order
+    for chunk in chunks:
+        assert 1 <= len(chunk) <= 4
+        assert len(chunk) == 1 or len(chunk) * (10 + excluded[chunk].max()) <= 4 * 10
+    assert [c.tolist() for c in chunks] == [[0, 1, 2], [3, 4], [5], [6], [7]]
+    assert [c.tolist() for c in beam_chunks(order[:2], np.zeros(2, int), max_users=4, beam=10)] == [[0, 1]]
+
+
+def test_heavy_users_are_answered_in_their_own_passes(rec):
+    """Exclude-seen answers stay k distinct unseen items when one user's past covers most of the catalog."""
+    heavy = [f"i{i}" for i in range(0, 34)]
+    out = rec.recommend([["i1"], heavy[-3:], ["i2", "i3"]], None, k=5, exclude_seen=True,
+                        seen=[["i1"], heavy, ["i2", "i3"]])
+    assert len(out[1]) == 5 and not {i for i, _ in out[1]} & set(heavy)
+    assert all(len(r) == 5 for r in out)
 
 
 def test_recommend_bad_input(rec):

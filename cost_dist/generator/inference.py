@@ -49,6 +49,26 @@ def load_generator_checkpoint(run, rel: str = BEST_CHECKPOINT) -> tuple[TigerMod
     return model, ckpt
 
 
+def beam_chunks(order: np.ndarray, excluded: np.ndarray, max_users: int, beam: int) -> list[np.ndarray]:
+    """Consecutive slices of `order` (users by ascending exclusion count) for one beam-search pass each.
+
+    A pass runs beam + (its largest exclusion count) beams per user (see search.beam_search), so a
+    user with thousands of seen items would make a pass of max_users users thousands of times wider
+    than planned (13 GB for MovieLens latest-small's heaviest users). Each slice holds at most
+    max_users users and at most max_users * beam beams, but always at least one user.
+    """
+    budget = max_users * beam
+    chunks, start = [], 0
+    while start < len(order):
+        end = start + 1
+        while end < len(order) and end - start < max_users and \
+                (end + 1 - start) * (beam + int(excluded[order[end]])) <= budget:
+            end += 1
+        chunks.append(order[start:end])
+        start = end
+    return chunks
+
+
 class Recommender:
     def __init__(self, model: TigerModel, catalog: ItemCatalog, popularity: dict[str, int] | None = None,
                  device: str | torch.device | None = None, batch_size: int = 256, default_beam_size: int = 20):
@@ -139,8 +159,7 @@ class Recommender:
             excluded = np.array([len(set(m)) for m in masked]) if exclude_seen else np.zeros(len(histories))
             order = np.lexsort(((inputs != PAD).sum(1), excluded))
             out: list[list[tuple[str, float]]] = [[] for _ in histories]
-            for lo in range(0, len(histories), self.batch_size):
-                chunk = order[lo:lo + self.batch_size]
+            for chunk in beam_chunks(order, excluded, self.batch_size, beam):
                 batch = torch.from_numpy(inputs[chunk]).to(self.device)
                 exclude = None
                 if exclude_seen:
