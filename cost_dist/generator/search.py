@@ -51,7 +51,13 @@ def beam_search(model: TigerModel, index: PrefixIndex, input_ids: torch.Tensor, 
 
     for t in range(L):
         size = index.position_sizes[t]
-        logits = model.decode_step(tokens, enc, enc_mask, cache)[:, starts[t]:starts[t] + size]
+        if t == 0:
+            # Only the root beam is alive, and every beam of a user would decode the same PAD token:
+            # decode one row per user and share it, instead of W identical rows (1/L of the work).
+            logits = model.decode_step(tokens[:B], enc, enc_mask, cache)[:, starts[t]:starts[t] + size]
+            logits = logits.repeat_interleave(W, dim=0)
+        else:
+            logits = model.decode_step(tokens, enc, enc_mask, cache)[:, starts[t]:starts[t] + size]
         log_probs = torch.log_softmax(logits, dim=-1)
         child, valid = index.children(t, parents.view(-1))
         if t == L - 1 and excluded_keys is not None:
@@ -65,7 +71,9 @@ def beam_search(model: TigerModel, index: PrefixIndex, input_ids: torch.Tensor, 
         parents = torch.where(torch.isfinite(scores), parents, torch.full_like(parents, -1))
         if t < L - 1:
             # Beams of one user share the encoder, so the cross-attention cache needs no reordering.
-            cache.self_attention_cache.reorder_cache((base + beam).view(-1))
+            # After step 0 the self-attention cache holds one row per user (see above), not B * W.
+            rows = torch.arange(B, device=device).repeat_interleave(W) if t == 0 else (base + beam).view(-1)
+            cache.self_attention_cache.reorder_cache(rows)
             tokens = (code + starts[t]).view(-1)
 
     scores, rows = scores[:, :k], parents[:, :k]
