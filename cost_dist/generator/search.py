@@ -37,7 +37,6 @@ def beam_search(model: TigerModel, index: PrefixIndex, input_ids: torch.Tensor, 
     L = index.id_length
     extra = max((len(r) for r in exclude_rows), default=0) if exclude_rows is not None else 0
     W = max(beam_size, k) + extra
-    starts = [s for s, _ in model.vocab.position_ranges]
 
     enc, enc_mask = model.encode(input_ids)  # one row per user: beams share it (see TigerModel.decode_step)
     scores = torch.full((B, W), NEG_INF, device=device)
@@ -51,13 +50,13 @@ def beam_search(model: TigerModel, index: PrefixIndex, input_ids: torch.Tensor, 
 
     for t in range(L):
         size = index.position_sizes[t]
+        start = model.vocab.position_ranges[t][0]
         if t == 0:
             # Only the root beam is alive, and every beam of a user would decode the same PAD token:
             # decode one row per user and share it, instead of W identical rows (1/L of the work).
-            logits = model.decode_step(tokens[:B], enc, enc_mask, cache)[:, starts[t]:starts[t] + size]
-            logits = logits.repeat_interleave(W, dim=0)
+            logits = model.decode_step(tokens[:B], enc, enc_mask, cache, (start, size)).repeat_interleave(W, dim=0)
         else:
-            logits = model.decode_step(tokens, enc, enc_mask, cache)[:, starts[t]:starts[t] + size]
+            logits = model.decode_step(tokens, enc, enc_mask, cache, (start, size))
         log_probs = torch.log_softmax(logits, dim=-1)
         child, valid = index.children(t, parents.view(-1))
         if t == L - 1 and excluded_keys is not None:
@@ -74,7 +73,7 @@ def beam_search(model: TigerModel, index: PrefixIndex, input_ids: torch.Tensor, 
             # After step 0 the self-attention cache holds one row per user (see above), not B * W.
             rows = torch.arange(B, device=device).repeat_interleave(W) if t == 0 else (base + beam).view(-1)
             cache.self_attention_cache.reorder_cache(rows)
-            tokens = (code + starts[t]).view(-1)
+            tokens = (code + start).view(-1)
 
     scores, rows = scores[:, :k], parents[:, :k]
     alive = rows >= 0
