@@ -8,10 +8,12 @@ that still names its GCS port -- never `ray stop`, which would stop every cluste
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -49,15 +51,31 @@ def _pids_naming(token: str) -> list[int]:
     return out
 
 
-@pytest.fixture
-def ray_head(tmp_path):
-    """A separate Ray head on free ports, started from the repo root so import_path resolves."""
-    gcs, dash, client, node_mgr, obj_mgr, agent, agent_grpc, metrics, rt_env, http = free_ports(10)
+@pytest.fixture(params=["python-proxy", "haproxy"])
+def ray_head(request, tmp_path):
+    """A separate Ray head on free ports, started from the repo root so import_path resolves.
+
+    Parametrized by HTTP ingress: Serve's Python proxy (the local default) and its HAProxy ingress
+    (RAY_SERVE_ENABLE_HA_PROXY=1, what the cluster files set), with HAProxy's stats and metrics
+    ports moved off their fixed defaults (8404, 9101) so that it cannot meet another Serve instance
+    on this machine, and its config / socket / state files in a folder of the test's own.
+    """
+    gcs, dash, client, node_mgr, obj_mgr, agent, agent_grpc, metrics, rt_env, http, stats, hap_metrics = free_ports(12)
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     # As the README starts a head for `serve deploy`: no token auth (private ports), Serve's
     # throughput-optimized mode.
     env.update({"RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
                 "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"})
+    hap = None
+    if request.param == "haproxy":
+        hap = Path(tempfile.mkdtemp(prefix="hap-"))  # short: the admin socket path must fit sun_path
+        env.update({"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_HAPROXY_STATS_PORT": str(stats),
+                    "RAY_SERVE_HAPROXY_METRICS_PORT": str(hap_metrics),
+                    "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(hap / "haproxy.cfg"),
+                    "RAY_SERVE_HAPROXY_SOCKET_PATH": str(hap / "admin.sock"),
+                    "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": str(hap / "metrics.sock"),
+                    "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(hap),
+                    "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(hap / "server-state")})
     cmd = [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
            "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
            f"--ray-client-server-port={client}", f"--node-manager-port={node_mgr}",
@@ -80,7 +98,7 @@ def ray_head(tmp_path):
             if time.time() - t0 > 120:
                 raise AssertionError("the Ray head's dashboard did not come up in 120 s")
             time.sleep(1)
-        yield {"dashboard": dashboard, "http_port": http, "env": env}
+        yield {"dashboard": dashboard, "http_port": http, "env": env, "ingress": request.param, "haproxy_dir": hap}
     finally:
         try:
             os.killpg(proc.pid, signal.SIGTERM)
@@ -91,7 +109,9 @@ def ray_head(tmp_path):
         except subprocess.TimeoutExpired:
             pass
         # Processes of this head that left the group (raylet children, GCS) still name its GCS port.
-        for pid in [*_pids_naming(f"127.0.0.1:{gcs}"), *_pids_naming(f"--gcs-address=127.0.0.1:{gcs}")]:
+        # HAProxy runs detached from the head's process group; its command line names its config file.
+        haproxy = _pids_naming(f"{hap}/") if hap else []
+        for pid in [*_pids_naming(f"127.0.0.1:{gcs}"), *_pids_naming(f"--gcs-address=127.0.0.1:{gcs}"), *haproxy]:
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
@@ -101,6 +121,8 @@ def ray_head(tmp_path):
         except ProcessLookupError:
             pass
         log.close()
+        if hap:
+            shutil.rmtree(hap, ignore_errors=True)
 
 
 def test_serve_deploy_config_then_status_and_query(ray_head, tiny_run, tmp_path):
@@ -140,6 +162,9 @@ def test_serve_deploy_config_then_status_and_query(ray_head, tiny_run, tmp_path)
     deployments = app_status["deployments"]
     assert all(d["status"] == "HEALTHY" for d in deployments.values()), out
 
+    if ray_head["ingress"] == "haproxy":  # HAProxy, with this test's config file, is what listens on the port
+        # (its files go to <dir>/<node id>/, so the command line names the test's dir)
+        assert _pids_naming(f"{ray_head['haproxy_dir']}/"), "no HAProxy process with this head's config"
     base = f"http://127.0.0.1:{ray_head['http_port']}"
     health = requests.get(f"{base}/healthz", timeout=60)
     assert health.status_code == 200 and health.json()["status"] == "ok"
