@@ -144,7 +144,8 @@ class TigerModel(nn.Module):
                                        encoder_attention_mask=encoder_mask, past_key_values=cache,
                                        use_cache=True).last_hidden_state[:, -1, :]
         start, size = token_range
-        # What T5ForConditionalGeneration.forward does before lm_head (the flag's name since transformers 5).
+        # What T5ForConditionalGeneration.forward does before lm_head: transformers 5.23 reads
+        # scale_decoder_outputs, older releases tie_word_embeddings (the tests compare with its forward).
         if getattr(self.t5.config, "scale_decoder_outputs", self.t5.config.tie_word_embeddings):
             hidden = hidden * (self.t5.config.d_model ** -0.5)
         return F.linear(hidden, self.t5.lm_head.weight[start:start + size]).float()

@@ -47,6 +47,7 @@ def beam_search(model: TigerModel, index: PrefixIndex, input_ids: torch.Tensor, 
     cache = new_cache()
     excluded_keys = _exclusion_keys(index, exclude_rows, device) if extra else None
     base = (torch.arange(B, device=device) * W)[:, None]
+    user_of_beam = torch.arange(B, device=device).repeat_interleave(W)  # [B * W]
 
     for t in range(L):
         size = index.position_sizes[t]
@@ -60,8 +61,7 @@ def beam_search(model: TigerModel, index: PrefixIndex, input_ids: torch.Tensor, 
         log_probs = torch.log_softmax(logits, dim=-1)
         child, valid = index.children(t, parents.view(-1))
         if t == L - 1 and excluded_keys is not None:
-            user = torch.arange(B, device=device).repeat_interleave(W)[:, None]
-            valid &= ~_is_member(excluded_keys, user * index.num_items + child)
+            valid &= ~_is_member(excluded_keys, user_of_beam[:, None] * index.num_items + child)
         cand = torch.where(valid, scores.view(-1, 1) + log_probs, torch.full_like(log_probs, NEG_INF)).view(B, W * size)
         scores, flat = cand.topk(W, dim=1)
         beam = flat // size
@@ -71,8 +71,7 @@ def beam_search(model: TigerModel, index: PrefixIndex, input_ids: torch.Tensor, 
         if t < L - 1:
             # Beams of one user share the encoder, so the cross-attention cache needs no reordering.
             # After step 0 the self-attention cache holds one row per user (see above), not B * W.
-            rows = torch.arange(B, device=device).repeat_interleave(W) if t == 0 else (base + beam).view(-1)
-            cache.self_attention_cache.reorder_cache(rows)
+            cache.self_attention_cache.reorder_cache(user_of_beam if t == 0 else (base + beam).view(-1))
             tokens = (code + start).view(-1)
 
     scores, rows = scores[:, :k], parents[:, :k]
