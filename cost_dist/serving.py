@@ -770,6 +770,19 @@ def build_app(args: dict[str, Any] | None = None):
     ).bind(tokenizer, recommender, added_log, run_info(run, cfg), limits)
 
 
+def stop_serve_on_sigterm() -> None:
+    """Turn SIGTERM (`kill`, `timeout`, a supervisor) into SystemExit in the main thread, so that the
+    caller's `finally: serve.shutdown()` runs. HAProxy runs as a process of its own: a driver that dies
+    without serve.shutdown leaves it holding the HTTP port."""
+    import signal
+
+    def _exit(signum, frame):
+        raise SystemExit(128 + signum)
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _exit)
+
+
 def serve_run(run_uri: str, host: str = "127.0.0.1", port: int = 8000, blocking: bool = True, **app_args: Any):
     """Serve a run locally (`cost-dist serve RUN`): start Ray Serve on host:port and deploy the app."""
     from cost_dist.distributed import init_ray
@@ -783,6 +796,7 @@ def serve_run(run_uri: str, host: str = "127.0.0.1", port: int = 8000, blocking:
     print(f"cost-dist: serving {run_uri} on http://{host}:{port}{cfg.serve.route_prefix.rstrip('/')}/docs", flush=True)
     if not blocking:
         return handle
+    stop_serve_on_sigterm()
     try:
         while True:
             time.sleep(3600)

@@ -99,6 +99,48 @@ def readme_curl_commands() -> list[str]:
     return [line.strip() for line in section.splitlines() if line.strip().startswith("curl ")]
 
 
+def _listeners() -> list[tuple[str, int]]:
+    """(address, port) of every listening TCP socket on this machine, from /proc/net/tcp{,6}."""
+    out = []
+    for table, width in (("/proc/net/tcp", 8), ("/proc/net/tcp6", 32)):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            local, state = line.split()[1], line.split()[3]
+            if state == "0A":  # LISTEN
+                addr, port = local.split(":")
+                out.append(("*" if set(addr) == {"0"} else addr if width == 32 else socket.inet_ntoa(bytes.fromhex(addr)[::-1]),
+                            int(port, 16)))
+    return out
+
+
+def test_local_cluster_serves_through_haproxy_on_loopback(app):
+    """cost-dist's local clusters put Serve's HAProxy ingress in front of the app (where a binary
+    exists); the API port and the Ingress replica's own HTTP port stay on 127.0.0.1."""
+    from cost_dist.distributed import haproxy_binary
+
+    if haproxy_binary() is None:
+        pytest.skip("no HAProxy binary on this platform: Serve's Python proxy is the ingress")
+    port = int(app["base"].rsplit(":", 1)[1])
+    configs = []
+    for proc in Path("/proc").iterdir():
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if argv and argv[0].endswith(b"haproxy") and b"-f" in argv:
+            configs.append(Path(argv[argv.index(b"-f") + 1].decode()))
+    binds = [line.split()[1] for cfg in configs if cfg.exists() for line in cfg.read_text().splitlines()
+             if line.strip().startswith("bind ")]
+    assert f"127.0.0.1:{port}" in binds, f"no HAProxy binds 127.0.0.1:{port}: {binds}"
+    # Serve's direct-ingress replicas take HTTP ports from 30000-30999: none may listen on every interface.
+    exposed = [(a, p) for a, p in _listeners() if 30000 <= p < 31000 and a == "*"]
+    assert not exposed, exposed
+    assert any(a == "127.0.0.1" and 30000 <= p < 31000 for a, p in _listeners())
+
+
 def test_readme_curl_examples_work(app):
     """Every curl example of the README, run as written with real curl (only the port differs)."""
     commands = readme_curl_commands()

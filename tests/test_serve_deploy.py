@@ -55,7 +55,7 @@ def _pids_naming(token: str) -> list[int]:
 def ray_head(request, tmp_path):
     """A separate Ray head on free ports, started from the repo root so import_path resolves.
 
-    Parametrized by HTTP ingress: Serve's Python proxy (the local default) and its HAProxy ingress
+    Parametrized by HTTP ingress: Serve's Python proxy (what a bare `ray start --head` gets) and its HAProxy ingress
     (RAY_SERVE_ENABLE_HA_PROXY=1, what the cluster files set), with HAProxy's stats and metrics
     ports moved off their fixed defaults (8404, 9101) so that it cannot meet another Serve instance
     on this machine, and its config / socket / state files in a folder of the test's own.
@@ -67,6 +67,7 @@ def ray_head(request, tmp_path):
     env.update({"RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
                 "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"})
     hap = None
+    env["RAY_SERVE_ENABLE_HA_PROXY"] = "0"
     if request.param == "haproxy":
         hap = Path(tempfile.mkdtemp(prefix="hap-"))  # short: the admin socket path must fit sun_path
         env.update({"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_HAPROXY_STATS_PORT": str(stats),
