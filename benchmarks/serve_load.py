@@ -208,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     load_before = os.getloadavg()
     # Throughput-optimized Serve unless --standard-serve; HAProxy unless --python-proxy or no binary.
     cluster_env = init_ray(num_cpus=args.num_cpus, address="local")
-    haproxy = {**os.environ, **cluster_env}.get(HAPROXY_FLAG) == "1"
+    haproxy = cluster_env[HAPROXY_FLAG] == "1"
     log.info("HTTP ingress: %s", "HAProxy" if haproxy else "Serve's Python proxy")
     stop_serve_on_sigterm()  # a timed-out benchmark still shuts Serve (and HAProxy) down
     serve.start(http_options={"host": "127.0.0.1", "port": args.port})
@@ -228,22 +228,24 @@ def main(argv: list[str] | None = None) -> int:
             modes["ceiling"] = None
         for name in modes:
             asyncio.run(drive(f"{base}/{name}/recommend", bodies, min(8, max(levels)), args.warmup, args.time_cap))
-        parts: dict[tuple[str, int], list[dict]] = {}
+        summaries: dict[tuple[str, int], dict] = {}
         for c in levels:
+            parts: dict[str, list[dict]] = {name: [] for name in modes}
             for r in range(args.rounds):
                 for name in (list(modes) if r % 2 == 0 else list(reversed(modes))):
-                    part = asyncio.run(drive(f"{base}/{name}/recommend", bodies, c, args.requests, args.time_cap))
-                    parts.setdefault((name, c), []).append(part)
+                    parts[name].append(asyncio.run(drive(f"{base}/{name}/recommend", bodies, c, args.requests,
+                                                         args.time_cap)))
             for name in modes:
-                log.info("%s concurrency=%d: %s", name, c, summarize(parts[(name, c)]))
+                summaries[(name, c)] = summarize(parts[name])
+                log.info("%s concurrency=%d: %s", name, c, summaries[(name, c)])
     finally:
         serve.shutdown()
         ray.shutdown()
 
-    rows = [{"batching": name == "batched", "concurrency": c, **summarize(parts[(name, c)])}
+    rows = [{"batching": name == "batched", "concurrency": c, **summaries[(name, c)]}
             for name in ("batched", "unbatched") for c in levels]
-    ceiling = [{"concurrency": c, **{k: v for k, v in summarize(parts[("ceiling", c)]).items() if k != "mean_batch_size"}}
-               for c in levels if ("ceiling", c) in parts]
+    ceiling = [{"concurrency": c, **{k: v for k, v in summaries[("ceiling", c)].items() if k != "mean_batch_size"}}
+               for c in levels if ("ceiling", c) in summaries]
 
     by = {(r["batching"], r["concurrency"]): r for r in rows}
     top = max(levels)

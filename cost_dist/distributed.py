@@ -112,20 +112,14 @@ def local_haproxy_env() -> dict[str, str]:
     {} when RAY_SERVE_ENABLE_HA_PROXY is set (either way) or no HAProxy binary exists (macOS, Windows:
     Serve's Python proxy then).
     """
+    from cost_dist.cluster import free_port
+
     if HAPROXY_FLAG in os.environ or haproxy_binary() is None:
         return {}
     env = {HAPROXY_FLAG: "1"}
     for var in HAPROXY_PORT_VARS:
-        env[var] = os.environ.get(var) or str(_free_port())
+        env[var] = os.environ.get(var) or str(free_port())
     return env
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def init_ray(num_cpus: int | None = None, address: str | None = None) -> dict[str, str]:
@@ -145,11 +139,14 @@ def init_ray(num_cpus: int | None = None, address: str | None = None) -> dict[st
     placement group would be removed mid-training.
 
     A local cluster also gets Serve's HAProxy ingress where a binary exists (`local_haproxy_env`).
-    Returns the Serve variables given to a local cluster started here ({} otherwise).
+    Returns the Serve variables a local cluster started here runs with, RAY_SERVE_ENABLE_HA_PROXY
+    always among them ({} when joining a cluster).
     """
     import json
 
     import ray
+
+    from cost_dist.cluster import free_port
 
     if ray.is_initialized():
         return {}
@@ -172,7 +169,7 @@ def init_ray(num_cpus: int | None = None, address: str | None = None) -> dict[st
         log.info("joining Ray cluster at %s", target)
         ray.init(address=target, runtime_env={"env_vars": env_vars}, log_to_driver=True)
     else:
-        gcs_port = _free_port()  # so workers can be told where the GCS is
+        gcs_port = free_port()  # so workers can be told where the GCS is
         env_vars["RAY_ADDRESS"] = f"127.0.0.1:{gcs_port}"
         # Ray Serve reads its flags once per process, from the environment that every process of a
         # cluster started here inherits from this one. Serve's throughput-optimized mode (gRPC between
@@ -182,9 +179,10 @@ def init_ray(num_cpus: int | None = None, address: str | None = None) -> dict[st
         # RAY_SERVE_THROUGHPUT_OPTIMIZED=0 in the caller's environment keeps the standard mode. On
         # `ray start` clusters the head's environment decides.
         os.environ.setdefault(SERVE_THROUGHPUT_FLAG, "1")
-        serve_env = {SERVE_THROUGHPUT_FLAG: os.environ[SERVE_THROUGHPUT_FLAG], **local_haproxy_env()}
+        serve_env = {SERVE_THROUGHPUT_FLAG: os.environ[SERVE_THROUGHPUT_FLAG],
+                     HAPROXY_FLAG: os.environ.get(HAPROXY_FLAG, "0"), **local_haproxy_env()}
         log.info("starting a local Ray cluster (num_cpus=%s, Serve ingress: %s)", num_cpus or "all",
-                 "HAProxy" if os.environ.get(HAPROXY_FLAG, serve_env.get(HAPROXY_FLAG)) == "1" else "Python proxy")
+                 "HAProxy" if serve_env[HAPROXY_FLAG] == "1" else "Python proxy")
         # The GCS port and the HAProxy variables are read by the processes ray.init starts (GCS,
         # raylet, and through the raylet every worker: the Serve controller included), so they are
         # set only while it runs: a `ray start` launched later from this process must not inherit them.

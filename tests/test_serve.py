@@ -16,12 +16,6 @@ import requests
 M_LEVELS = 3  # tests/tiny.yaml tokenizer.num_levels
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def wait_for(predicate, timeout: float, what: str, interval: float = 0.5):
     t0 = time.time()
     last = None
@@ -41,6 +35,7 @@ def app(ray_session, tiny_run, tmp_path_factory):
     """The app deployed on a free port; batching tuned so concurrent requests share batches."""
     from ray import serve
 
+    from cost_dist.cluster import free_port
     from cost_dist.serving import APP_NAME, build_app
 
     port = free_port()
@@ -108,11 +103,15 @@ def _listeners() -> list[tuple[str, int]]:
         except OSError:
             continue
         for line in lines:
-            local, state = line.split()[1], line.split()[3]
-            if state == "0A":  # LISTEN
-                addr, port = local.split(":")
-                out.append(("*" if set(addr) == {"0"} else addr if width == 32 else socket.inet_ntoa(bytes.fromhex(addr)[::-1]),
-                            int(port, 16)))
+            fields = line.split()
+            if fields[3] != "0A":  # LISTEN
+                continue
+            addr, port = fields[1].split(":")
+            if set(addr) == {"0"}:
+                addr = "*"
+            elif width == 8:  # IPv4, little-endian hex
+                addr = socket.inet_ntoa(bytes.fromhex(addr)[::-1])
+            out.append((addr, int(port, 16)))
     return out
 
 

@@ -65,9 +65,8 @@ def ray_head(request, tmp_path):
     # As the README starts a head for `serve deploy`: no token auth (private ports), Serve's
     # throughput-optimized mode.
     env.update({"RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-                "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"})
+                "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "0"})
     hap = None
-    env["RAY_SERVE_ENABLE_HA_PROXY"] = "0"
     if request.param == "haproxy":
         hap = Path(tempfile.mkdtemp(prefix="hap-"))  # short: the admin socket path must fit sun_path
         env.update({"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_HAPROXY_STATS_PORT": str(stats),

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -17,9 +16,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_serve_load_writes_both_modes_interleaved(tiny_run, tmp_path):
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    from cost_dist.cluster import free_port
+
+    port = free_port()
     out = tmp_path / "serve_load.json"
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own local cluster
     proc = subprocess.run(
