@@ -790,14 +790,22 @@ def serve_run(run_uri: str, host: str = "127.0.0.1", port: int = 8000, blocking:
     app = build_app({"run": run_uri, **app_args})
     cfg = load_run_config(RunDir(resolve_run_uri(run_uri)))
     init_ray()
-    serve.start(http_options={"host": host, "port": port})
-    handle = serve.run(app, name=APP_NAME, route_prefix=cfg.serve.route_prefix)
-    log.info("serving %s on http://%s:%d%s (docs: /docs)", run_uri, host, port, cfg.serve.route_prefix)
-    print(f"cost-dist: serving {run_uri} on http://{host}:{port}{cfg.serve.route_prefix.rstrip('/')}/docs", flush=True)
-    if not blocking:
+
+    def deploy():
+        serve.start(http_options={"host": host, "port": port})
+        handle = serve.run(app, name=APP_NAME, route_prefix=cfg.serve.route_prefix)
+        log.info("serving %s on http://%s:%d%s (docs: /docs)", run_uri, host, port, cfg.serve.route_prefix)
+        print(f"cost-dist: serving {run_uri} on http://{host}:{port}{cfg.serve.route_prefix.rstrip('/')}/docs",
+              flush=True)
         return handle
+
+    if not blocking:
+        return deploy()
+    # Installed after init_ray (ray.init sets a handler of its own) and before serve.start: a SIGTERM
+    # while the app is still deploying must also reach serve.shutdown, or HAProxy keeps the port.
     stop_serve_on_sigterm()
     try:
+        deploy()
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
