@@ -162,8 +162,15 @@ def dataset_config(args: argparse.Namespace, name: str, path: str, seed: int, me
     return Config.load(config_file, overrides), (str(config_file) if config_file else None)
 
 
+def base_seed(cfg, seed: int) -> int:
+    """The seed the shared prepare/embed run is made with. The synthetic dataset is drawn from the
+    seed; a real dataset is the same for every seed, so its one base is always made with seed 0:
+    prepare's fingerprint includes the seed, and a base made with each run's own seed would be
+    cleared and re-embedded at every change of seed (and under a concurrent run of another seed)."""
+    return seed if cfg.data.dataset == "synthetic" else 0
+
+
 def base_run_name(cfg, seed: int) -> str:
-    # The synthetic dataset is drawn from the seed; real datasets are the same for every seed.
     return f"base-seed{seed}" if cfg.data.dataset == "synthetic" else "base"
 
 
@@ -443,7 +450,9 @@ def run_benchmark(args: argparse.Namespace, command: str) -> dict[str, Any]:
             t0 = time.time()
             try:
                 if not args.collect_only:
-                    prepare_base(cfg_seed, base, args.num_cpus, args.methods)
+                    shared_seed = base_seed(cfg_seed, seed)
+                    cfg_base = cfg_seed if shared_seed == seed else dataset_config(args, name, path, shared_seed, [])[0]
+                    prepare_base(cfg_base, base, args.num_cpus, args.methods)
             except Exception as exc:  # noqa: BLE001 - recorded, the other datasets still run
                 if args.fail_fast:
                     raise

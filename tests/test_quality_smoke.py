@@ -62,3 +62,25 @@ def test_quality_bad_arguments_are_one_line_errors(tmp_path, capsys):
     assert "LOADER=PATH" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         quality.main(["--help"])
+
+
+def test_real_dataset_base_is_prepared_once_for_every_seed(tmp_path):
+    """A real dataset is the same for every seed: the shared base run keeps the one made with seed 0
+    instead of being cleared (and re-embedded) when the next seed starts."""
+    quality = _quality_module()
+    from cost_dist.pipeline import stage_fingerprints
+
+    data = tmp_path / "ml"
+    data.mkdir()
+    rows = [(u, (u * 3 + j) % 12 + 1, 1000 * u + j) for u in range(1, 21) for j in range(8)]
+    (data / "ratings.csv").write_text("userId,movieId,rating,timestamp\n" + "".join(f"{u},{i},4.0,{t}\n" for u, i, t in rows))
+    (data / "movies.csv").write_text("movieId,title,genres\n" + "".join(f"{i},Film {i} (1990),Drama\n" for i in range(1, 13)))
+    out = tmp_path / "quality"
+    args = ["--datasets", f"ml-latest-small={data}", "--methods", "pop", "--out", str(out)]
+    assert quality.main([*args, "--seeds", "0"]) == 0
+    marker = out / "runs" / "ml-latest-small" / "base" / "prepare" / "_COMPLETE"
+    first = marker.read_text()
+    assert quality.main([*args, "--seeds", "1,2"]) == 0
+    assert marker.read_text() == first  # neither cleared nor rewritten by seeds 1 and 2
+    cfg0, _ = quality.dataset_config(quality.parse_args(args), "ml-latest-small", str(data), 0, [])
+    assert json.loads(first)["fingerprint"] == stage_fingerprints(cfg0)["prepare"]
