@@ -261,6 +261,10 @@ def run_static_baselines(cfg, base, methods: list[str]) -> dict[str, dict[str, A
     return out
 
 
+class NotRunYet(RuntimeError):
+    """--collect-only found no results for a run: reported as not run, not as failed."""
+
+
 def run_sasrec(cfg, run, num_cpus: int | None, collect_only: bool = False) -> dict[str, Any]:
     from cost_dist.distributed import init_ray
     from cost_dist.sasrec import ensure_sasrec, evaluate_sasrec
@@ -285,7 +289,7 @@ def collect_sasrec(cfg, run) -> dict[str, Any]:
     from cost_dist.sasrec.train import BEST, HISTORY, STAGE
 
     if not run.exists(BEST):
-        raise RuntimeError(f"no {run.uri(BEST)} yet")
+        raise NotRunYet(f"no {run.uri(BEST)} yet")
     history = run.read_json(HISTORY) if run.exists(HISTORY) else {"history": []}
     window = evaluate_sasrec(cfg, run, mask_full_history=False)
     whole = evaluate_sasrec(cfg, run, mask_full_history=True)
@@ -300,7 +304,7 @@ def collect_generative(run) -> dict[str, Any]:
 
     ev = run.read_metrics().get("evaluate")
     if not ev:
-        raise RuntimeError(f"{run.uri()} has no evaluate results (run without --collect-only)")
+        raise NotRunYet(f"{run.uri()} has no evaluate results (run without --collect-only)")
     suffix = FULLMASK if ev.get("settings", {}).get("masked") == "whole past" else ""
     return {f"valid{suffix}": ev["valid"][METHOD], f"test{suffix}": ev["test"][METHOD]}
 
@@ -317,7 +321,8 @@ def metric_names(ks: list[int]) -> list[str]:
 def aggregate(per_seed: dict[str, Any], names: list[str], split: str = "test") -> dict[str, Any]:
     """mean and sample std (ddof=1; 0 for one seed) of each metric of `split` over the seeds that finished."""
     done = [r for r in per_seed.values() if isinstance(r, dict) and split in r]
-    out: dict[str, Any] = {"seeds": len(done), "failed": len([r for r in per_seed.values() if "error" in r])}
+    out: dict[str, Any] = {"seeds": len(done), "failed": len([r for r in per_seed.values() if "error" in r]),
+                           "not_run": len([r for r in per_seed.values() if "not_run" in r])}
     for name in names:
         values = [float(r[split][name]) for r in done if name in r[split]]
         if not values:
@@ -363,6 +368,7 @@ def markdown(results: dict[str, Any]) -> str:
                     v = agg.get(name)
                     cells.append("–" if v is None else (f"{v['mean']:.4f} ± {v['std']:.4f}" if agg["seeds"] > 1 else f"{v['mean']:.4f}"))
                 n = f"{agg['seeds']}" + (f" ({agg['failed']} failed)" if agg["failed"] else "")
+                n += f" ({agg['not_run']} not run)" if agg.get("not_run") else ""
                 partial = [r for r in entry["runs"][method].values() if r.get("partial")]
                 if partial:
                     n += " (partial: stopped at epoch " + ", ".join(str(r["epochs_run"]) for r in partial) + ")"
@@ -371,6 +377,10 @@ def markdown(results: dict[str, Any]) -> str:
         errors = [(m, s, r["error"]) for m, per in entry["runs"].items() for s, r in per.items() if "error" in r]
         if errors:
             lines += ["", "Failed runs:"] + [f"- {m} seed {s}: {e}" for m, s, e in errors]
+        not_run = [(m, s) for m, per in entry["runs"].items() for s, r in per.items() if "not_run" in r]
+        if not_run:
+            lines += ["", "Not run yet (`--collect-only` found no results): "
+                      + ", ".join(f"{LABELS.get(m, m)} seed {s}" for m, s in not_run)]
         lines.append("")
     return "\n".join(lines)
 
@@ -482,6 +492,9 @@ def run_benchmark(args: argparse.Namespace, command: str) -> dict[str, Any]:
                         link_shared_stages(base, run, cfg)
                         res = run_sasrec(cfg, run, args.num_cpus) if method == "sasrec" else run_generative(cfg, run, args.num_cpus)
                     res["wall_s"] = round(time.time() - t0, 2)
+                except NotRunYet as exc:
+                    log.warning("%s %s seed %d: %s", name, method, seed, exc)
+                    res = {"not_run": str(exc)}
                 except Exception as exc:  # noqa: BLE001 - one failed run must not lose the others
                     if args.fail_fast:
                         raise

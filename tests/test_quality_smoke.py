@@ -84,3 +84,9 @@ def test_real_dataset_base_is_prepared_once_for_every_seed(tmp_path):
     assert marker.read_text() == first  # neither cleared nor rewritten by seeds 1 and 2
     cfg0, _ = quality.dataset_config(quality.parse_args(args), "ml-latest-small", str(data), 0, [])
     assert json.loads(first)["fingerprint"] == stage_fingerprints(cfg0)["prepare"]
+    # --collect-only reports a method that has no results yet as not run, not as a failure.
+    assert quality.main(["--datasets", f"ml-latest-small={data}", "--methods", "pop,random", "--seeds", "0",
+                         "--out", str(out), "--collect-only"]) == 0
+    table = (out / "results.md").read_text()
+    assert "Not run yet (`--collect-only` found no results): random IDs seed 0" in table
+    assert "Failed runs" not in table
