@@ -211,12 +211,12 @@ def main(argv: list[str] | None = None) -> int:
     haproxy = cluster_env[HAPROXY_FLAG] == "1"
     log.info("HTTP ingress: %s", "HAProxy" if haproxy else "Serve's Python proxy")
     stop_serve_on_sigterm()  # a timed-out benchmark still shuts Serve (and HAProxy) down
-    serve.start(http_options={"host": "127.0.0.1", "port": args.port})
     # Every mode is deployed at once, under its own route prefix, and the measurements interleave:
     # at each concurrency, `--rounds` rounds each drive every mode in turn (order alternating), so
     # a slow spell of this shared machine hits both sides of the ratio alike.
     modes = {"batched": cfg.serve.max_batch_size, "unbatched": 1}
     try:
+        serve.start(http_options={"host": "127.0.0.1", "port": args.port})
         for name, max_batch in modes.items():
             app = build_app({"run": run.uri(), "max_batch_size": max_batch, "added_items": "none", "replicas": 1})
             serve.run(app, name=f"{APP_NAME}-{name}", route_prefix=f"/{name}")

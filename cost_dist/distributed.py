@@ -87,6 +87,10 @@ SERVE_THROUGHPUT_FLAG = "RAY_SERVE_THROUGHPUT_OPTIMIZED"
 HAPROXY_FLAG = "RAY_SERVE_ENABLE_HA_PROXY"
 # HAProxy's stats page and Prometheus exporter listen on fixed ports (8404, 9101) unless these say otherwise.
 HAPROXY_PORT_VARS = ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT")
+# The Serve controller restarts a proxy that is not ready within this many seconds (Ray's default 5),
+# and serve.start, which waits on the first proxy it made, then fails with ActorDiedError.
+PROXY_READY_TIMEOUT_VAR = "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S"
+LOCAL_PROXY_READY_TIMEOUT_S = "60"
 
 
 def haproxy_binary() -> str | None:
@@ -179,8 +183,13 @@ def init_ray(num_cpus: int | None = None, address: str | None = None) -> dict[st
         # RAY_SERVE_THROUGHPUT_OPTIMIZED=0 in the caller's environment keeps the standard mode. On
         # `ray start` clusters the head's environment decides.
         os.environ.setdefault(SERVE_THROUGHPUT_FLAG, "1")
+        # A busy laptop (or CI machine) can take longer than Ray's 5 s to start the proxy actor: the
+        # controller then kills it and serve.start fails (seen on 2 cores under load: `cost-dist
+        # serve` died with ActorDiedError after ~150 s). A local cluster gives the proxy 60 s.
         serve_env = {SERVE_THROUGHPUT_FLAG: os.environ[SERVE_THROUGHPUT_FLAG],
-                     HAPROXY_FLAG: os.environ.get(HAPROXY_FLAG, "0"), **local_haproxy_env()}
+                     HAPROXY_FLAG: os.environ.get(HAPROXY_FLAG, "0"),
+                     PROXY_READY_TIMEOUT_VAR: os.environ.get(PROXY_READY_TIMEOUT_VAR, LOCAL_PROXY_READY_TIMEOUT_S),
+                     **local_haproxy_env()}
         log.info("starting a local Ray cluster (num_cpus=%s, Serve ingress: %s)", num_cpus or "all",
                  "HAProxy" if serve_env[HAPROXY_FLAG] == "1" else "Python proxy")
         # The GCS port and the HAProxy variables are read by the processes ray.init starts (GCS,

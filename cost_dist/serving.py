@@ -770,21 +770,31 @@ def build_app(args: dict[str, Any] | None = None):
     ).bind(tokenizer, recommender, added_log, run_info(run, cfg), limits)
 
 
-def stop_serve_on_sigterm() -> None:
+def stop_serve_on_sigterm() -> threading.Event:
     """Turn SIGTERM (`kill`, `timeout`, a supervisor) into SystemExit in the main thread, so that the
     caller's `finally: serve.shutdown()` runs. HAProxy runs as a process of its own: a driver that dies
-    without serve.shutdown leaves it holding the HTTP port."""
+    without serve.shutdown leaves it holding the HTTP port.
+
+    Returns an Event the handler sets. A SystemExit raised while the main thread blocks inside Ray
+    (serve.start waiting for its proxies) is caught by Ray, which fails that call with an error of
+    its own instead: the event tells the caller that error was the signal's doing."""
     import signal
 
+    received = threading.Event()
+
     def _exit(signum, frame):
+        received.set()
         raise SystemExit(128 + signum)
 
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _exit)
+    return received
 
 
 def serve_run(run_uri: str, host: str = "127.0.0.1", port: int = 8000, blocking: bool = True, **app_args: Any):
     """Serve a run locally (`cost-dist serve RUN`): start Ray Serve on host:port and deploy the app."""
+    import signal
+
     from cost_dist.distributed import init_ray
 
     app = build_app({"run": run_uri, **app_args})
@@ -803,13 +813,22 @@ def serve_run(run_uri: str, host: str = "127.0.0.1", port: int = 8000, blocking:
         return deploy()
     # Installed after init_ray (ray.init sets a handler of its own) and before serve.start: a SIGTERM
     # while the app is still deploying must also reach serve.shutdown, or HAProxy keeps the port.
-    stop_serve_on_sigterm()
+    terminated = stop_serve_on_sigterm()
     try:
         deploy()
-        while True:
-            time.sleep(3600)
+        while not terminated.wait(1.0):
+            pass
     except KeyboardInterrupt:
         pass
+    except Exception as exc:  # noqa: BLE001 - re-raised unless it is how Ray reported our SIGTERM
+        if not terminated.is_set():
+            raise
+        log.info("SIGTERM while deploying (Ray reported it as %s)", type(exc).__name__)
     finally:
-        serve.shutdown()
+        try:
+            serve.shutdown()
+        except Exception as exc:  # noqa: BLE001 - the original error or the signal's exit status matters more
+            log.warning("serve.shutdown failed: %s: %s", type(exc).__name__, exc)
+    if terminated.is_set():
+        raise SystemExit(128 + signal.SIGTERM)
     return None

@@ -70,3 +70,18 @@ def test_sigterm_while_deploying_shuts_serve_down(tiny_run):
         os.kill(pid, signal.SIGKILL)
     assert not left, f"HAProxy {left} still binds 127.0.0.1:{port} after cost-dist serve was stopped"
     assert not _listening(port), out[-3000:]
+
+
+def test_local_cluster_gives_serve_proxies_time_to_start(ray_session):
+    """Workers of a local cluster started by init_ray (the Serve controller among them) see a proxy
+    ready-check timeout of 60 s instead of Ray's 5 s, which a loaded machine overruns."""
+    import ray
+
+    from cost_dist.distributed import LOCAL_PROXY_READY_TIMEOUT_S, PROXY_READY_TIMEOUT_VAR
+
+    @ray.remote(num_cpus=0)
+    def worker_env(name):
+        return os.environ.get(name)
+
+    assert ray.get(worker_env.remote(PROXY_READY_TIMEOUT_VAR)) == LOCAL_PROXY_READY_TIMEOUT_S
+    assert PROXY_READY_TIMEOUT_VAR not in os.environ  # set only while ray.init started the cluster
