@@ -16,6 +16,21 @@ REPO = Path(__file__).resolve().parents[1]
 TINY_CONFIG = REPO / "tests" / "tiny.yaml"
 
 
+def haproxy_binds() -> dict[int, list[str]]:
+    """The `bind` addresses in the config of every running HAProxy (Serve's ingress), by PID."""
+    out: dict[int, list[str]] = {}
+    for proc in Path("/proc").iterdir():
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+            if not (argv and argv[0].endswith(b"haproxy") and b"-f" in argv):
+                continue
+            config = Path(argv[argv.index(b"-f") + 1].decode()).read_text()
+        except OSError:
+            continue
+        out[int(proc.name)] = [line.split()[1] for line in config.splitlines() if line.strip().startswith("bind ")]
+    return out
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     """A real local Ray cluster shared by the tests of this session (4 logical CPUs on 2 cores).

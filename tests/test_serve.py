@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 import requests
 
+from conftest import haproxy_binds
+
 M_LEVELS = 3  # tests/tiny.yaml tokenizer.num_levels
 
 
@@ -123,16 +125,7 @@ def test_local_cluster_serves_through_haproxy_on_loopback(app):
     if haproxy_binary() is None:
         pytest.skip("no HAProxy binary on this platform: Serve's Python proxy is the ingress")
     port = int(app["base"].rsplit(":", 1)[1])
-    configs = []
-    for proc in Path("/proc").iterdir():
-        try:
-            argv = (proc / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if argv and argv[0].endswith(b"haproxy") and b"-f" in argv:
-            configs.append(Path(argv[argv.index(b"-f") + 1].decode()))
-    binds = [line.split()[1] for cfg in configs if cfg.exists() for line in cfg.read_text().splitlines()
-             if line.strip().startswith("bind ")]
+    binds = [bind for per_process in haproxy_binds().values() for bind in per_process]
     assert f"127.0.0.1:{port}" in binds, f"no HAProxy binds 127.0.0.1:{port}: {binds}"
     # Serve's direct-ingress replicas take HTTP ports from 30000-30999: none may listen on every interface.
     exposed = [(a, p) for a, p in _listeners() if 30000 <= p < 31000 and a == "*"]

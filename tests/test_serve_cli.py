@@ -12,26 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, haproxy_binds
 
 BIN = Path(sys.executable).parent
-
-
-def _haproxies_binding(port: int) -> list[int]:
-    """PIDs of HAProxy processes whose config binds `port`."""
-    pids = []
-    for proc in Path("/proc").iterdir():
-        try:
-            argv = (proc / "cmdline").read_bytes().split(b"\0")
-            if not (argv and argv[0].endswith(b"haproxy") and b"-f" in argv):
-                continue
-            config = Path(argv[argv.index(b"-f") + 1].decode()).read_text()
-        except OSError:
-            continue
-        if any(line.split()[1:2] == [f"127.0.0.1:{port}"] for line in config.splitlines()
-               if line.strip().startswith("bind ")):
-            pids.append(int(proc.name))
-    return pids
 
 
 def _listening(port: int) -> bool:
@@ -69,7 +52,8 @@ def test_sigterm_while_deploying_shuts_serve_down(tiny_run):
     # handler, which used to get the signal during deploy, exits with 15 and shuts nothing down.
     assert proc.returncode == 128 + signal.SIGTERM, (proc.returncode, out[-3000:])
     deadline = time.time() + 30  # HAProxy drains for a moment after serve.shutdown returns
-    while (left := _haproxies_binding(port)) and time.time() < deadline:
+    while (left := [pid for pid, binds in haproxy_binds().items() if f"127.0.0.1:{port}" in binds]) \
+            and time.time() < deadline:
         time.sleep(0.5)
     for pid in left:  # don't leak it into the rest of the session, then fail
         os.kill(pid, signal.SIGKILL)
