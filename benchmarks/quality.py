@@ -107,6 +107,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--collect-only", action="store_true",
                    help="train nothing: score what the run directories hold now (SASRec's best checkpoint so far, "
                         "marked partial if its training has not finished)")
+    p.add_argument("--previous", default=None, metavar="RESULTS_JSON",
+                   help="with --collect-only: an earlier results.json whose finished runs fill in the runs this "
+                        "--out folder has no results for (run folders made on another machine), marked in the table")
     p.add_argument("--fail-fast", action="store_true", help="stop at the first failing run instead of recording it")
     args = p.parse_args(argv)
     from cost_dist.errors import CostDistError
@@ -137,6 +140,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             raise CostDistError(f"--datasets {name}: folder {path} does not exist")
         datasets.append((name, path))
     args.datasets = datasets
+    if args.previous:
+        if not args.collect_only:
+            raise CostDistError("--previous only fills in runs for --collect-only")
+        try:
+            args.previous_results = json.loads(Path(args.previous).read_text())
+        except (OSError, ValueError) as exc:
+            raise CostDistError(f"--previous {args.previous}: not a readable results.json ({exc})") from None
+    else:
+        args.previous_results = None
     return args
 
 
@@ -299,6 +311,15 @@ def collect_sasrec(cfg, run) -> dict[str, Any]:
             "partial": not run.is_complete(STAGE), "history": history["history"]}
 
 
+def previous_run(previous: dict[str, Any] | None, dataset: str, method: str, seed: int) -> dict[str, Any] | None:
+    """A finished run of an earlier results.json (--previous), marked as taken from it; None if it has none."""
+    runs = ((previous or {}).get("datasets", {}).get(dataset, {}).get("runs", {}).get(method, {}))
+    run = runs.get(str(seed))
+    if not run or not any(key.startswith("test") for key in run):
+        return None
+    return {**run, "from_previous": True}
+
+
 def collect_generative(run) -> dict[str, Any]:
     from cost_dist.evaluate import METHOD
 
@@ -377,6 +398,10 @@ def markdown(results: dict[str, Any]) -> str:
         errors = [(m, s, r["error"]) for m, per in entry["runs"].items() for s, r in per.items() if "error" in r]
         if errors:
             lines += ["", "Failed runs:"] + [f"- {m} seed {s}: {e}" for m, s, e in errors]
+        earlier = [(m, s) for m, per in entry["runs"].items() for s, r in per.items() if r.get("from_previous")]
+        if earlier:
+            lines += ["", f"Taken from the earlier results file `{results.get('previous')}` (run folders not on the "
+                      "machine that collected this table): " + ", ".join(f"{LABELS.get(m, m)} seed {s}" for m, s in earlier)]
         not_run = [(m, s) for m, per in entry["runs"].items() for s, r in per.items() if "not_run" in r]
         if not_run:
             lines += ["", "Not run yet (`--collect-only` found no results): "
@@ -445,6 +470,8 @@ def run_benchmark(args: argparse.Namespace, command: str) -> dict[str, Any]:
     results: dict[str, Any] = {"command": command, "methods": args.methods, "seeds": args.seeds,
                                "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.python_version()}",
                                "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "datasets": {}}
+    if args.previous:
+        results["previous"] = args.previous
     generative = [m for m in args.methods if m in GENERATIVE]
     for name, path in args.datasets:
         cfg0, config_file = dataset_config(args, name, path, args.seeds[0], [])
@@ -471,12 +498,18 @@ def run_benchmark(args: argparse.Namespace, command: str) -> dict[str, Any]:
                     entry["runs"][m][str(seed)] = {"error": f"prepare/embed: {type(exc).__name__}: {exc}"}
                 continue
             data = base.read_metrics().get("data", {})
-            entry["num_users"] = data.get("num_users", data.get("users"))
-            entry["num_items"] = data.get("num_items", data.get("items"))
+            earlier_entry = (args.previous_results or {}).get("datasets", {}).get(name, {})
+            entry["num_users"] = data.get("num_users", data.get("users", earlier_entry.get("num_users")))
+            entry["num_items"] = data.get("num_items", data.get("items", earlier_entry.get("num_items")))
             log.info("%s seed %d: shared prepare/embed ready in %.1f s", name, seed, time.time() - t0)
             static = [m for m in ("pop", "dense") if m in args.methods]
             if static and (seed == args.seeds[0] or cfg_seed.data.dataset == "synthetic"):
-                for method, res in _guard(args, entry, static, seed, lambda: run_static_baselines(cfg_seed, base, static)).items():
+                earlier = {m: previous_run(args.previous_results, name, m, seed) for m in static}
+                if args.collect_only and not data and all(earlier.values()):
+                    computed = earlier  # this machine has no prepared data to score them on
+                else:
+                    computed = _guard(args, entry, static, seed, lambda: run_static_baselines(cfg_seed, base, static))
+                for method, res in computed.items():
                     entry["runs"][method][str(seed)] = res
             for method in generative + (["sasrec"] if "sasrec" in args.methods else []):
                 # SASRec is its own method here, trained once per seed: not again inside each generative run.
@@ -493,8 +526,10 @@ def run_benchmark(args: argparse.Namespace, command: str) -> dict[str, Any]:
                         res = run_sasrec(cfg, run, args.num_cpus) if method == "sasrec" else run_generative(cfg, run, args.num_cpus)
                     res["wall_s"] = round(time.time() - t0, 2)
                 except NotRunYet as exc:
-                    log.warning("%s %s seed %d: %s", name, method, seed, exc)
-                    res = {"not_run": str(exc)}
+                    res = previous_run(args.previous_results, name, method, seed)
+                    if res is None:
+                        log.warning("%s %s seed %d: %s", name, method, seed, exc)
+                        res = {"not_run": str(exc)}
                 except Exception as exc:  # noqa: BLE001 - one failed run must not lose the others
                     if args.fail_fast:
                         raise

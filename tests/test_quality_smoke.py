@@ -90,3 +90,17 @@ def test_real_dataset_base_is_prepared_once_for_every_seed(tmp_path):
     table = (out / "results.md").read_text()
     assert "Not run yet (`--collect-only` found no results): random IDs seed 0" in table
     assert "Failed runs" not in table
+    # --previous: a collect on a machine without those run folders takes finished runs from an earlier
+    # results.json, says so in the table, and still lists what never ran.
+    earlier = out / "results.json"
+    elsewhere = tmp_path / "elsewhere"
+    assert quality.main(["--datasets", f"ml-latest-small={data}", "--methods", "pop,random", "--seeds", "0",
+                         "--out", str(elsewhere), "--collect-only", "--previous", str(earlier)]) == 0
+    merged = json.loads((elsewhere / "results.json").read_text())["datasets"]["ml-latest-small"]
+    before = json.loads(earlier.read_text())["datasets"]["ml-latest-small"]
+    assert merged["runs"]["pop"]["0"]["test"] == before["runs"]["pop"]["0"]["test"]
+    assert merged["runs"]["pop"]["0"]["from_previous"] is True and merged["num_users"] == before["num_users"]
+    table = (elsewhere / "results.md").read_text()
+    assert f"Taken from the earlier results file `{earlier}`" in table and "Pop seed 0" in table
+    assert "Not run yet (`--collect-only` found no results): random IDs seed 0" in table
+    assert quality.main([*args, "--previous", str(earlier)]) == 2  # only meaningful with --collect-only
