@@ -776,8 +776,8 @@ def stop_serve_on_sigterm() -> threading.Event:
     without serve.shutdown leaves it holding the HTTP port.
 
     Returns an Event the handler sets. A SystemExit raised while the main thread blocks inside Ray
-    (serve.start waiting for its proxies) is caught by Ray, which fails that call with an error of
-    its own instead: the event tells the caller that error was the signal's doing."""
+    (serve.start waiting for its proxies) is caught by Ray, which fails that call with an error or
+    exit status of its own instead: the event tells the caller that was the signal's doing."""
     import signal
 
     received = threading.Event()
@@ -820,10 +820,12 @@ def serve_run(run_uri: str, host: str = "127.0.0.1", port: int = 8000, blocking:
             pass
     except KeyboardInterrupt:
         pass
-    except Exception as exc:  # noqa: BLE001 - re-raised unless it is how Ray reported our SIGTERM
+    except BaseException as exc:  # noqa: BLE001 - re-raised unless it is how Ray reported our SIGTERM
+        # ray.get interrupted by the handler's SystemExit re-raises it as SystemExit(1)
+        # (_raylet.raise_sys_exit_with_custom_error_message), other Ray calls as an error of their own.
         if not terminated.is_set():
             raise
-        log.info("SIGTERM while deploying (Ray reported it as %s)", type(exc).__name__)
+        log.info("SIGTERM while deploying: the call in progress ended with %s(%s)", type(exc).__name__, exc)
     finally:
         try:
             serve.shutdown()

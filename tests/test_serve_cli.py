@@ -10,7 +10,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 
 from conftest import REPO, haproxy_binds
 
@@ -22,9 +21,6 @@ def _listening(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
-@pytest.mark.xfail(strict=False, reason="known gap: on the loaded 2-core CI machine cost-dist serve exited 1 "
-                   "(ActorDiedError of the HAProxy proxy actor from serve.start) instead of 143 in two CI runs; "
-                   "passes on an idle machine. Not fixed yet.")
 def test_sigterm_while_deploying_shuts_serve_down(tiny_run):
     """A SIGTERM (`kill`, `timeout`, a supervisor) that arrives while the app is still deploying runs
     serve.shutdown: no HAProxy is left behind holding the port, and the port can be served again."""
