@@ -10,7 +10,6 @@ import sys
 import time
 from pathlib import Path
 
-
 from conftest import REPO, haproxy_binds
 
 BIN = Path(sys.executable).parent
