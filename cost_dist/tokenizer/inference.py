@@ -95,7 +95,8 @@ class SemanticTokenizer:
         out = []
         with torch.no_grad():
             for i in range(0, len(x), batch_size):
-                out.append(self._model.codes(torch.from_numpy(x[i:i + batch_size]).to(self.device)).cpu().numpy())
+                # A copy per batch: x may be a read-only view of an Arrow buffer, which torch won't share.
+                out.append(self._model.codes(torch.tensor(x[i:i + batch_size], device=self.device)).cpu().numpy())
         return np.concatenate(out).astype(np.int64) if out else np.zeros((0, self.num_levels), dtype=np.int64)
 
     def reconstruct(self, embeddings: np.ndarray, batch_size: int = 4096) -> np.ndarray | None:
