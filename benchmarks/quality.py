@@ -311,10 +311,14 @@ def collect_sasrec(cfg, run) -> dict[str, Any]:
             "partial": not run.is_complete(STAGE), "history": history["history"]}
 
 
+def previous_entry(previous: dict[str, Any] | None, dataset: str) -> dict[str, Any]:
+    """A dataset's entry in an earlier results.json (--previous); empty without one."""
+    return (previous or {}).get("datasets", {}).get(dataset, {})
+
+
 def previous_run(previous: dict[str, Any] | None, dataset: str, method: str, seed: int) -> dict[str, Any] | None:
     """A finished run of an earlier results.json (--previous), marked as taken from it; None if it has none."""
-    runs = ((previous or {}).get("datasets", {}).get(dataset, {}).get("runs", {}).get(method, {}))
-    run = runs.get(str(seed))
+    run = previous_entry(previous, dataset).get("runs", {}).get(method, {}).get(str(seed))
     if not run or not any(key.startswith("test") for key in run):
         return None
     return {**run, "from_previous": True}
@@ -498,7 +502,7 @@ def run_benchmark(args: argparse.Namespace, command: str) -> dict[str, Any]:
                     entry["runs"][m][str(seed)] = {"error": f"prepare/embed: {type(exc).__name__}: {exc}"}
                 continue
             data = base.read_metrics().get("data", {})
-            earlier_entry = (args.previous_results or {}).get("datasets", {}).get(name, {})
+            earlier_entry = previous_entry(args.previous_results, name)
             entry["num_users"] = data.get("num_users", data.get("users", earlier_entry.get("num_users")))
             entry["num_items"] = data.get("num_items", data.get("items", earlier_entry.get("num_items")))
             log.info("%s seed %d: shared prepare/embed ready in %.1f s", name, seed, time.time() - t0)

@@ -18,6 +18,18 @@ from conftest import haproxy_binds
 M_LEVELS = 3  # tests/tiny.yaml tokenizer.num_levels
 
 
+def generator_num_suffix(run) -> int:
+    """S: the collision suffix values the run's generator was trained with."""
+    from cost_dist.generator.inference import load_generator_checkpoint
+
+    return load_generator_checkpoint(run)[1]["vocab"]["num_suffix"]
+
+
+def group_suffixes(catalog: dict, semantic_id: list[int]) -> list[int]:
+    """The suffixes taken in the collision group of `semantic_id` (items sharing its M codes)."""
+    return [sid[M_LEVELS] for sid in catalog["codes"].values() if sid[:M_LEVELS] == semantic_id[:M_LEVELS]]
+
+
 def wait_for(predicate, timeout: float, what: str, interval: float = 0.5):
     t0 = time.time()
     last = None
@@ -318,19 +330,13 @@ def test_added_items_are_recommended_at_once(app, histories, catalog, tiny_run):
     """
     from cost_dist.generator.inference import Recommender
 
-    from cost_dist.generator.inference import load_generator_checkpoint
-
-    M = M_LEVELS
-    S = load_generator_checkpoint(tiny_run)[1]["vocab"]["num_suffix"]
+    M, S = M_LEVELS, generator_num_suffix(tiny_run)
     user, hist = histories[0]
     before = post(app, "/recommend", {"user_id": user, "history": hist, "k": 10}).json()["items"]
-
-    def group_has_room(item: dict) -> bool:
-        return max(sid[M] for sid in catalog["codes"].values() if sid[:M] == item["semantic_id"][:M]) < S - 1
-
     # The twin of the best-ranked item whose collision group still has a free suffix (a full group is
     # refused with a 422, pinned by the next test; which group the tiny run fills varies by machine).
-    at = next((j for j, item in enumerate(before[:9]) if group_has_room(item)), None)  # twin + new fit in 10
+    at = next((j for j, item in enumerate(before[:9])  # twin + new fit in the top 10
+               if max(group_suffixes(catalog, item["semantic_id"])) < S - 1), None)
     assert at is not None, f"every top-9 item is in a full collision group: {before}"
     twin_of = before[at]
     fields = {k: v for k, v in catalog["items"][twin_of["item_id"]].items() if isinstance(v, str) and k != "text"}
@@ -339,7 +345,7 @@ def test_added_items_are_recommended_at_once(app, histories, catalog, tiny_run):
     assert r.status_code == 201, r.text
     added = r.json()["added"][0]
     assert added["item_id"] == new_id and added["codes"] == twin_of["semantic_id"][:M]
-    siblings = [sid[M] for sid in catalog["codes"].values() if sid[:M] == twin_of["semantic_id"][:M]]
+    siblings = group_suffixes(catalog, twin_of["semantic_id"])
     assert added["semantic_id"] == [*twin_of["semantic_id"][:M], max(siblings) + 1]
 
     got = requests.get(f"{app['base']}/items/{new_id}", timeout=30).json()
@@ -371,10 +377,7 @@ def test_added_items_are_recommended_at_once(app, histories, catalog, tiny_run):
 def test_item_without_a_free_suffix_is_refused_not_wedged(app, catalog, histories, tiny_run):
     """The largest collision group uses every suffix the generator knows (S = largest suffix + 1), so
     a text twin of its items cannot get an ID: a 422 naming the item, and the app keeps serving."""
-    from cost_dist.generator.inference import load_generator_checkpoint
-
-    M = M_LEVELS
-    S = load_generator_checkpoint(tiny_run)[1]["vocab"]["num_suffix"]
+    M, S = M_LEVELS, generator_num_suffix(tiny_run)
     full = next((i for i, sid in catalog["codes"].items() if sid[M] == S - 1), None)
     assert full is not None, f"no collision group uses the generator's last suffix {S - 1}: nothing to refuse"
     fields = {k: v for k, v in catalog["items"][full].items() if isinstance(v, str) and k != "text"}
