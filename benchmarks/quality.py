@@ -367,7 +367,7 @@ def summarize(entry: dict[str, Any], methods: list[str], names: list[str]) -> No
 def markdown(results: dict[str, Any]) -> str:
     names = results["metric_names"]
     short = [n.replace("recall@", "R@").replace("ndcg@", "N@") for n in names]
-    lines = [f"# Quality benchmark (test split, leave-one-out, full catalog)", "",
+    lines = ["# Quality benchmark (test split, leave-one-out, full catalog)", "",
              f"Command: `{results['command']}`", "",
              f"Mean ± sample std over seeds; `n` = seeds that finished. exclude_seen per dataset below. "
              f"Machine: {results['machine']}.", ""]
@@ -378,7 +378,7 @@ def markdown(results: dict[str, Any]) -> str:
                   f"items: {entry.get('num_items', '?')}", "",
                   ]
         tables = [("History masked: the user's whole past (the reference numbers' protocol)", entry.get("summary_fullmask") or {}),
-                  (f"History masked: the last max_len items only" if entry["exclude_seen"]
+                  ("History masked: the last max_len items only" if entry["exclude_seen"]
                    else "No masking (evaluate.exclude_seen false)", entry["summary"])]
         for title, summary in tables:
             if not summary:

@@ -29,7 +29,6 @@ import logging
 import math
 import os
 import threading
-import time
 from collections import Counter
 from typing import Any
 

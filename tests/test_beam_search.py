@@ -3,7 +3,6 @@
 import functools
 
 import numpy as np
-import pytest
 import torch
 
 from cost_dist.config import GeneratorConfig
