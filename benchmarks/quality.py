@@ -404,8 +404,9 @@ def markdown(results: dict[str, Any]) -> str:
             lines += ["", "Failed runs:"] + [f"- {m} seed {s}: {e}" for m, s, e in errors]
         earlier = [(m, s) for m, per in entry["runs"].items() for s, r in per.items() if r.get("from_previous")]
         if earlier:
-            lines += ["", f"Taken from the earlier results file `{results.get('previous')}` (run folders not on the "
-                      "machine that collected this table): " + ", ".join(f"{LABELS.get(m, m)} seed {s}" for m, s in earlier)]
+            lines += ["", f"Taken from the earlier results file `{results.get('previous')}` (no results for the current "
+                      "config and data in this --out: no run folder, or one made before either changed): "
+                      + ", ".join(f"{LABELS.get(m, m)} seed {s}" for m, s in earlier)]
         not_run = [(m, s) for m, per in entry["runs"].items() for s, r in per.items() if "not_run" in r]
         if not_run:
             lines += ["", "Not run yet (`--collect-only` found no results): "
