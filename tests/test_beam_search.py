@@ -1,6 +1,7 @@
 """Constrained beam search vs exhaustive scoring, on small random models (no Ray needed)."""
 
 import functools
+import warnings
 
 import numpy as np
 import torch
@@ -108,3 +109,17 @@ def test_beam_search_is_deterministic_in_train_mode_model():
     model.train()
     b = beam_search(model, index, inputs, k=5, beam_size=8)
     assert torch.equal(a[0], b[0])
+
+
+def test_cached_decoding_passes_the_cache_under_the_name_transformers_takes():
+    # transformers 5.24 renamed T5Stack.forward's past_key_values to cache (the old name warns and
+    # goes in 5.40): beam search must decode without a deprecation FutureWarning on any release
+    import inspect
+
+    from transformers.models.t5.modeling_t5 import T5Stack
+
+    _, _, model, index, inputs, _, _ = _setup(n=40)
+    assert model._cache_kwarg in inspect.signature(T5Stack.forward).parameters
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*is deprecated.*", category=FutureWarning)
+        beam_search(model, index, inputs, k=5, beam_size=8)

@@ -7,6 +7,8 @@ The module knows nothing of Ray. It exposes what training and decoding need: the
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -89,6 +91,7 @@ class TigerModel(nn.Module):
         for t, (start, size) in enumerate(vocab.position_ranges):
             mask[t, start:start + size] = 0.0
         self.register_buffer("position_mask", mask, persistent=False)
+        self._cache_kwarg = decoder_cache_kwarg(type(self.t5.get_decoder()))
 
     # ---- training / exact scoring -----------------------------------------------------------------
 
@@ -141,14 +144,21 @@ class TigerModel(nn.Module):
         the full projection would cost more than a decoder layer.
         """
         hidden = self.t5.get_decoder()(input_ids=tokens[:, None], encoder_hidden_states=encoder_hidden,
-                                       encoder_attention_mask=encoder_mask, past_key_values=cache,
-                                       use_cache=True).last_hidden_state[:, -1, :]
+                                       encoder_attention_mask=encoder_mask, use_cache=True,
+                                       **{self._cache_kwarg: cache}).last_hidden_state[:, -1, :]
         start, size = token_range
         # What T5ForConditionalGeneration.forward does before lm_head: transformers 5.23 reads
         # scale_decoder_outputs, older releases tie_word_embeddings (the tests compare with its forward).
         if getattr(self.t5.config, "scale_decoder_outputs", self.t5.config.tie_word_embeddings):
             hidden = hidden * (self.t5.config.d_model ** -0.5)
         return F.linear(hidden, self.t5.lm_head.weight[start:start + size]).float()
+
+
+def decoder_cache_kwarg(stack_class) -> str:
+    """The name T5's decoder stack takes its key/value cache under: transformers 5.24 renamed
+    `past_key_values` to `cache` (the old name warns, and goes in 5.40); older releases know only
+    `past_key_values`. Read from the signature (deprecate_kwarg keeps it via functools.wraps)."""
+    return "cache" if "cache" in inspect.signature(stack_class.forward).parameters else "past_key_values"
 
 
 def new_cache():
