@@ -34,9 +34,9 @@ Worker side (inside `train_loop_per_worker`)
   "inverse_sqrt"). The same code runs on CPU/gloo and CUDA/NCCL. `engine_dtype(engine)` tells the
   dtype inputs must have.
 - `all_gather_with_grad(t) -> Tensor`: rows of every worker concatenated in rank order; the gradient
-  of the local rows flows back to their owner (torch.distributed.nn.functional.all_gather, whose
-  backward sums the contributions of every rank). Identity when the world size is 1. Ranks may hold
-  different row counts (padded internally). `all_gather_with_grad_and_offset(t)` also returns where
+  of the local rows flows back to their owner (torch's functional all_gather_single, whose backward
+  reduce-scatters, summing the contributions of every rank). Identity when the world size is 1.
+  Ranks may hold different row counts (padded internally). `all_gather_with_grad_and_offset(t)` also returns where
   this rank's rows start in the result (the positives' index for InfoNCE).
 - `all_gather_no_grad(t)`, `all_reduce_mean(x)`, `all_reduce_sum(t)`, `broadcast_(t, src=0)`.
 - `dataset_shard_batches(name, batch_size, dtype=torch.float32, drop_last=False,
@@ -529,7 +529,9 @@ def all_gather_with_grad(t):
 def all_gather_with_grad_and_offset(t):
     """(all_gather_with_grad(t), index of this rank's first row in the result)."""
     import torch
-    from torch.distributed.nn.functional import all_gather
+    # The functional collective, not torch.distributed.nn.functional.all_gather (deprecated in torch
+    # 2.13, and warns on every call): its autograd backward is the same reduce-scatter (sum).
+    from torch.distributed._functional_collectives import all_gather_single
 
     dist = _dist()
     if dist is None or dist.get_world_size() == 1:
@@ -541,7 +543,7 @@ def all_gather_with_grad_and_offset(t):
     if t.shape[0] < biggest:
         pad = t.new_zeros((biggest - t.shape[0], *t.shape[1:]))
         padded = torch.cat([t, pad], dim=0)
-    parts = all_gather(padded)
+    parts = all_gather_single(padded, 0, dist.group.WORLD).split(biggest)
     return torch.cat([p[:n] for p, n in zip(parts, sizes)], dim=0), offset
 
 
