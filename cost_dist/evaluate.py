@@ -42,14 +42,17 @@ class BeamSearchActor:
         self.rec = Recommender.load(RunDir(run_uri), batch_size=batch_size)
         self.k, self.beam_size, self.exclude_seen = k, beam_size, exclude_seen
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         histories = [list(h) for h in batch["history"]]
         users = [str(u) for u in batch["user_id"]]
         seen = [list(s) for s in batch["seen"]] if "seen" in batch else None
         recs = self.rec.recommend(histories, users, k=self.k, beam_size=self.beam_size, exclude_seen=self.exclude_seen,
                                   seen=seen)
-        return {"user_id": np.array(users, dtype=object), "split": batch["split"],
-                "ranked": np.array([[i for i, _ in r] for r in recs], dtype=object) if recs else np.array([], dtype=object)}
+        # An Arrow list<string> column: a numpy object array of k-item rows is 2-D, which Ray Data
+        # cannot convert to Arrow and falls back to pickling (with a warning per batch).
+        return pa.table({"user_id": pa.array(users, type=pa.string()),
+                         "split": pa.array([str(s) for s in batch["split"]], type=pa.string()),
+                         "ranked": pa.array([[str(i) for i, _ in r] for r in recs], type=pa.list_(pa.string()))})
 
 
 def generator_rankings(run, tables: dict[str, pa.Table], cfg: Config, k: int) -> dict[str, dict[str, list[str]]]:

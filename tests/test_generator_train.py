@@ -116,3 +116,22 @@ def test_resume_runs_no_finished_epoch_again(trained):
     assert again["generator"]["history"] == gen["generator"]["history"]
     after = run.read_torch("generate/best.pt")
     assert after["epoch"] == before["epoch"]
+
+
+def test_beam_search_actor_returns_an_arrow_list_column(trained):
+    # Ray Data cannot convert a 2-D numpy object array (k items per user) to Arrow and pickles it
+    # with a warning per batch; the actor hands back list<string> rankings instead
+    import pyarrow as pa
+
+    from cost_dist.evaluate import BeamSearchActor
+
+    _, run, _, _ = trained
+    actor = BeamSearchActor(run.uri(), k=5, beam_size=10, exclude_seen=True, batch_size=8, threads=1)
+    items = [str(i) for i in run.read_parquet("prepare/items.parquet", columns=["item_id"]).column("item_id")[:3]]
+    history = np.array([np.array(items[:2], dtype=object), np.array(items[2:], dtype=object)], dtype=object)
+    out = actor({"user_id": np.array(["u0", "u1"], dtype=object), "history": history, "seen": history,
+                 "split": np.array(["test", "test"], dtype=object)})
+    assert isinstance(out, pa.Table) and out.schema.field("ranked").type == pa.list_(pa.string())
+    assert out.column("user_id").to_pylist() == ["u0", "u1"]
+    ranked = out.column("ranked").to_pylist()
+    assert [len(r) for r in ranked] == [5, 5] and not set(items[:2]) & set(ranked[0])
