@@ -29,15 +29,15 @@ Worker side (inside `train_loop_per_worker`)
   warmup_steps=0, schedule="constant", betas=(0.9, 0.999)) -> DeepSpeedEngine`: `deepspeed.initialize`
   with cost_dist/configs/deepspeed.json (or `ds_section.config_file`) plus the section's overrides:
   ZeRO stage, precision ("auto" = fp32 on CPU, bf16 on CUDA when supported else fp16), gradient
-  clipping, AdamW (`torch_adam`, so nothing is JIT-compiled on CPU or GPU), and an LR schedule (a torch LambdaLR
-  handed to DeepSpeed: linear warmup then "constant", "cosine" to 0 at total_steps, or
+  clipping, AdamW (`torch_adam`, so nothing is JIT-compiled on CPU or GPU), and an LR schedule
+  (a torch LambdaLR handed to DeepSpeed: linear warmup then "constant", "cosine" to 0 at total_steps, or
   "inverse_sqrt"). The same code runs on CPU/gloo and CUDA/NCCL. `engine_dtype(engine)` tells the
   dtype inputs must have.
 - `all_gather_with_grad(t) -> Tensor`: rows of every worker concatenated in rank order; the gradient
   of the local rows flows back to their owner (torch's functional all_gather_single, whose backward
   reduce-scatters, summing the contributions of every rank). Identity when the world size is 1.
-  Ranks may hold different row counts (padded internally). `all_gather_with_grad_and_offset(t)` also returns where
-  this rank's rows start in the result (the positives' index for InfoNCE).
+  Ranks may hold different row counts (padded internally). `all_gather_with_grad_and_offset(t)`
+  also returns where this rank's rows start in the result (the positives' index for InfoNCE).
 - `all_gather_no_grad(t)`, `all_reduce_mean(x)`, `all_reduce_sum(t)`, `broadcast_(t, src=0)`.
 - `dataset_shard_batches(name, batch_size, dtype=torch.float32, drop_last=False,
   shuffle_buffer=None, seed=None, column=None)`: batches (torch dicts, or one column's tensor) from

@@ -51,8 +51,8 @@ class BeamSearchActor:
         # An Arrow list<string> column: a numpy object array of k-item rows is 2-D, which Ray Data
         # cannot convert to Arrow and falls back to pickling (with a warning per batch).
         return pa.table({"user_id": pa.array(users, type=pa.string()),
-                         "split": pa.array([str(s) for s in batch["split"]], type=pa.string()),
-                         "ranked": pa.array([[str(i) for i, _ in r] for r in recs], type=pa.list_(pa.string()))})
+                         "split": pa.array(batch["split"], type=pa.string()),
+                         "ranked": pa.array([[i for i, _ in r] for r in recs], type=pa.list_(pa.string()))})
 
 
 def generator_rankings(run, tables: dict[str, pa.Table], cfg: Config, k: int) -> dict[str, dict[str, list[str]]]:
