@@ -12,7 +12,8 @@ jobs/configs/quality-<LOADER>.yaml when that file exists (the validation-chosen 
 defaults; `--set key=value` overrides apply to every run.
 
 Methods:
-- random, rqkmeans, rqvae (L_re), cost (L_co), rqvae+cost (L_re + L_co): the full generative pipeline
+- random, rqkmeans, rqkmeans-bal (equal-size clusters per level), rqvae (L_re), cost (L_co),
+  rqvae+cost (L_re + L_co): the full generative pipeline
   (cost_dist.pipeline.run_pipeline) with that tokenizer, one run directory per seed; the method's
   metrics are the evaluate stage's `cost-dist` entry (best-on-validation generator checkpoint).
 - pop, dense: cost_dist.baselines on the dataset's prepared data and embeddings (deterministic: one
@@ -54,14 +55,16 @@ log = logging.getLogger("benchmarks.quality")
 GENERATIVE = {
     "random": ["tokenizer.method=random"],
     "rqkmeans": ["tokenizer.method=rqkmeans"],
+    "rqkmeans-bal": ["tokenizer.method=rqkmeans", "tokenizer.kmeans_balanced=true"],
     "rqvae": ["tokenizer.method=rqvae", "tokenizer.loss=re"],
     "cost": ["tokenizer.method=rqvae", "tokenizer.loss=co"],
     "rqvae+cost": ["tokenizer.method=rqvae", "tokenizer.loss=re+co"],
 }
 BASELINES = ("pop", "dense", "sasrec")
 METHODS = (*GENERATIVE, *BASELINES)
-LABELS = {"random": "random IDs", "rqkmeans": "RQ-KMeans", "rqvae": "RQ-VAE (L_re)", "cost": "CoST (L_co)",
-          "rqvae+cost": "L_re + L_co", "pop": "Pop", "dense": "dense (faiss)", "sasrec": "SASRec"}
+LABELS = {"random": "random IDs", "rqkmeans": "RQ-KMeans", "rqkmeans-bal": "RQ-KMeans (balanced)",
+          "rqvae": "RQ-VAE (L_re)", "cost": "CoST (L_co)", "rqvae+cost": "L_re + L_co",
+          "pop": "Pop", "dense": "dense (faiss)", "sasrec": "SASRec"}
 SHARED_STAGES = ("prepare", "embed")
 # Suffix of the metrics with the user's whole past masked (RecBole's full-sort protocol, the
 # reference numbers' setting, and the evaluate stage's default, evaluate.mask_whole_past); without

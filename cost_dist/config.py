@@ -127,6 +127,9 @@ class TokenizerConfig:
     # fraction of a second, a checkpoint seconds. A resume restarts from the last checkpoint.
     checkpoint_every: int = 1
     kmeans_init_iters: int = 100
+    # rqkmeans only: refit each level's centroids on equal-size clusters (see tokenizer.baselines),
+    # which keeps the deeper levels from collapsing onto a near-zero centroid.
+    kmeans_balanced: bool = False
     reseed_dead_codes: bool = True
     dead_code_window: int = 1  # epochs a code may go unused before it is re-seeded
     max_suffix: int = 0  # 0 = as many collision suffix values as the catalog needs

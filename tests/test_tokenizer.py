@@ -9,18 +9,18 @@ import pyarrow as pa
 import pytest
 import torch
 
-from cost_dist.config import TokenizerConfig
+from cost_dist.config import Config, TokenizerConfig
 from cost_dist.errors import CheckpointError, CostDistError, DataError
 from cost_dist.rundir import RunDir
 from cost_dist.tokenizer.assign import assign_suffixes, semantic_id_table
-from cost_dist.tokenizer.baselines import ResidualKMeans, random_codes
+from cost_dist.tokenizer.baselines import ResidualKMeans, balanced_assign, random_codes
 from cost_dist.tokenizer.diagnostics import (code_usage, collision_share, nearest_neighbours,
                                              neighbourhood_preservation, normalized_mutual_information, purity)
 from cost_dist.tokenizer.embeddings import embeddings_matrix
 from cost_dist.tokenizer.inference import SemanticTokenizer
 from cost_dist.tokenizer.losses import info_nce, quantizer_loss
 from cost_dist.tokenizer.model import RQVAE, ResidualQuantizer, kmeans_centroids
-from cost_dist.tokenizer.train import check_tokenizer_config, kmeans_init_distributed
+from cost_dist.tokenizer.train import check_tokenizer_config, kmeans_init_distributed, run_tokenize_stage
 
 
 # ---- losses -----------------------------------------------------------------------------------------
@@ -134,6 +134,51 @@ def test_residual_kmeans_baseline_codes_and_reconstruction():
     assert codes.shape == (200, 2)
     recon = model.reconstruct(x)
     assert np.mean(np.linalg.norm(recon - x, axis=1)) < 0.5  # clusters recovered at level 1
+
+
+def test_balanced_assign_fills_the_nearest_clusters_up_to_capacity():
+    # Every point is nearest to cluster 0; it keeps its two closest points, the others go to cluster 1.
+    dist = np.array([[0.1, 1.0], [0.2, 1.0], [0.3, 0.5], [0.4, 0.9]])
+    np.testing.assert_array_equal(balanced_assign(dist, capacity=2), [0, 0, 1, 1])
+    np.testing.assert_array_equal(balanced_assign(dist, capacity=4), [0, 0, 0, 0])
+    with pytest.raises(ValueError, match="5 points do not fit in 2 clusters of 2"):
+        balanced_assign(np.zeros((5, 2)), capacity=2)
+
+
+def topic_embeddings(n: int, dim: int, topics: int, seed: int) -> np.ndarray:
+    """Unit vectors around a few topic directions, like sentence embeddings of a small catalog."""
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(size=(topics, dim))
+    x = centers[rng.integers(0, topics, n)] + rng.normal(size=(n, dim))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def test_balanced_residual_kmeans_uses_every_level_evenly():
+    x = topic_embeddings(1000, 64, 8, seed=0)
+    plain = ResidualKMeans.fit(x, num_levels=3, codebook_size=32, iters=50, seed=0).codes(x)
+    balanced = ResidualKMeans.fit(x, num_levels=3, codebook_size=32, iters=50, seed=0, balanced=True).codes(x)
+    plain_ppl = [u["perplexity"] for u in code_usage(plain, 32)]
+    balanced_ppl = [u["perplexity"] for u in code_usage(balanced, 32)]
+    # Nearest-centroid codes of equal-size-cluster centroids are close to uniform at every level
+    # (perplexity 32 = uniform), and fewer items share a full code.
+    assert min(balanced_ppl) > 0.9 * 32
+    assert all(b > p for b, p in zip(balanced_ppl, plain_ppl))
+    assert collision_share(balanced) < collision_share(plain)
+
+
+def test_rqkmeans_tokenize_stage_saves_what_it_fitted(tmp_path):
+    x = topic_embeddings(300, 16, 4, seed=1)
+    run = RunDir(str(tmp_path / "run"))
+    emb_type = pa.list_(pa.float32(), 16)
+    run.write_parquet("embed/embeddings.parquet", pa.table({
+        "item_id": pa.array([f"i{i}" for i in range(300)]),
+        "embedding": pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), 16).cast(emb_type)}))
+    cfg = Config.from_dict({"seed": 3, "tokenizer": {"method": "rqkmeans", "kmeans_balanced": True, "num_levels": 2,
+                                                     "codebook_size": 8, "kmeans_init_iters": 20}})
+    metrics = run_tokenize_stage(cfg, run)
+    assert metrics["tokenizer"]["train"]["kmeans_balanced"] is True
+    expected = ResidualKMeans.fit(x, num_levels=2, codebook_size=8, iters=20, seed=3, balanced=True).codes(x)
+    np.testing.assert_array_equal(SemanticTokenizer.load(run).codes(x), expected)
 
 
 def test_diagnostics_by_hand():

@@ -34,10 +34,14 @@ def sq_dist(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a.float() - b.float()).pow(2).sum(-1).mean()
 
 
+def code_distances(residual: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+    """Squared L2 distance [n, K] from every row to every code vector."""
+    return residual.pow(2).sum(-1, keepdim=True) - 2.0 * residual @ codebook.t() + codebook.pow(2).sum(-1)[None, :]
+
+
 def nearest_code(residual: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
     """Index of the nearest code vector (squared L2) for every row; ties go to the lowest index."""
-    dist = (residual.pow(2).sum(-1, keepdim=True) - 2.0 * residual @ codebook.t() + codebook.pow(2).sum(-1)[None, :])
-    return dist.argmin(dim=-1)
+    return code_distances(residual, codebook).argmin(dim=-1)
 
 
 def kmeans_centroids(points: np.ndarray, k: int, iters: int, seed: int) -> np.ndarray:

@@ -400,11 +400,12 @@ def run_tokenize_stage(cfg, run) -> dict:
             "history": history,
         })
     elif tcfg.method == "rqkmeans":
-        model = ResidualKMeans.fit(emb, tcfg.num_levels, tcfg.codebook_size, tcfg.kmeans_init_iters, cfg.seed)
+        model = ResidualKMeans.fit(emb, tcfg.num_levels, tcfg.codebook_size, tcfg.kmeans_init_iters, cfg.seed,
+                                   balanced=tcfg.kmeans_balanced)
         import torch
 
         payload["state_dict"] = {"centroids": torch.from_numpy(model.centroids)}
-        train.update({"kmeans_iters": tcfg.kmeans_init_iters, "history": []})
+        train.update({"kmeans_iters": tcfg.kmeans_init_iters, "kmeans_balanced": tcfg.kmeans_balanced, "history": []})
     else:
         payload["state_dict"] = {}
         train.update({"history": []})
