@@ -2,7 +2,7 @@
 
     python benchmarks/quality.py \\
         --datasets ml-100k=../shared/data/movielens-100k,amazon-lcrec=../shared/data/amazon-scientific-lcrec,ml-latest-small=../shared/data/movielens-latest-small \\
-        --methods random,rqvae,cost,rqvae+cost,rqkmeans,pop,dense,sasrec --seeds 0,1,2 --out benchmarks/out/quality
+        --methods random,rqvae,cost,rqvae+cost,rqkmeans,rqkmeans-bal,pop,dense,sasrec --seeds 0,1,2 --out benchmarks/out/quality
 
     python benchmarks/quality.py --smoke --out /tmp/quality-smoke    # tiny synthetic data, CI
 
