@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from cost_dist.config import Config, TokenizerConfig
+from cost_dist.embed import fixed_size_list
 from cost_dist.errors import CheckpointError, CostDistError, DataError
 from cost_dist.rundir import RunDir
 from cost_dist.tokenizer.assign import assign_suffixes, semantic_id_table
@@ -169,10 +170,8 @@ def test_balanced_residual_kmeans_uses_every_level_evenly():
 def test_rqkmeans_tokenize_stage_saves_what_it_fitted(tmp_path):
     x = topic_embeddings(300, 16, 4, seed=1)
     run = RunDir(str(tmp_path / "run"))
-    emb_type = pa.list_(pa.float32(), 16)
-    run.write_parquet("embed/embeddings.parquet", pa.table({
-        "item_id": pa.array([f"i{i}" for i in range(300)]),
-        "embedding": pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), 16).cast(emb_type)}))
+    run.write_parquet("embed/embeddings.parquet", pa.table({"item_id": pa.array([f"i{i}" for i in range(300)]),
+                                                            "embedding": fixed_size_list(x)}))
     cfg = Config.from_dict({"seed": 3, "tokenizer": {"method": "rqkmeans", "kmeans_balanced": True, "num_levels": 2,
                                                      "codebook_size": 8, "kmeans_init_iters": 20}})
     metrics = run_tokenize_stage(cfg, run)
