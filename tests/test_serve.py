@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shlex
 import socket
 import subprocess
@@ -172,14 +173,23 @@ def test_recommend_matches_the_library(app, histories, catalog, tiny_run):
     assert len(items) == 5 and len({i["item_id"] for i in items}) == 5
     scores = [i["score"] for i in items]
     assert scores == sorted(scores, reverse=True)
+    # Items added over HTTP by earlier tests of this module (the README's curl examples add one) may
+    # enter the top-k by TIGER's cold-start rule, right after the item sharing their code prefix;
+    # whether one does depends on the codes the tiny run learned. The library knows only the
+    # catalog, so it is compared with the generator's own items.
+    generated = [it for it in items if it["source"] == "generator"]
     for it in items:
-        assert it["semantic_id"] == catalog["codes"][it["item_id"]]
         assert len(it["semantic_id"]) == M_LEVELS + 1
+        if it["source"] == "cold_start":
+            assert it["item_id"] in app["added_file"].read_text()
+        else:
+            assert it["source"] == "generator" and it["semantic_id"] == catalog["codes"][it["item_id"]]
 
     beam = tiny_run.read_metrics()["config"]["serve"]["beam_size"]
     expected = Recommender.load(tiny_run, device="cpu").recommend([hist], [user], k=5, beam_size=beam)[0]
-    assert [i["item_id"] for i in items] == [e[0] for e in expected]
-    assert scores == pytest.approx([e[1] for e in expected], abs=1e-4)
+    assert len(generated) >= 5 - math.ceil(0.1 * 5)  # serve.cold_start_fraction's default budget
+    assert [i["item_id"] for i in generated] == [e[0] for e in expected][: len(generated)]
+    assert [i["score"] for i in generated] == pytest.approx([e[1] for e in expected][: len(generated)], abs=1e-4)
 
 
 def test_exclude_seen_and_unknown_items(app, histories):
