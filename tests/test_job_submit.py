@@ -73,6 +73,14 @@ def _processes_under(marker: str) -> list[int]:
     return pids
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _job_sdk_env():
+    """The in-process job SDK client (status polls, logs) gets the CLI's environment."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RAY_AUTH_MODE", "disabled")
+        yield
+
+
 @pytest.fixture(scope="module")
 def ray_head():
     """A real head node on free ports; yields the dashboard (job submission) address."""
@@ -151,14 +159,47 @@ def _job_args(run_dir: Path) -> list[str]:
 
 def submit(address: str, run_dir: Path, wait: bool = True, submission_id: str | None = None,
            timeout: float = JOB_TIMEOUT) -> subprocess.CompletedProcess:
+    """`ray job submit` as users type it. With `wait`, the result is the finished job's: the CLI's
+    log tail can end while the job still runs (it exits 0 unless the job FAILED; seen once in a clean-clone CI run,
+    with the job still in its evaluate stage), so this waits for a terminal status through the job
+    SDK and returns the job's whole log, with returncode 0 only for SUCCEEDED."""
+    submission_id = submission_id or f"job-{os.getpid()}-{time.time_ns()}"
     cmd = [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(REPO),
-           "--runtime-env-json", RUNTIME_ENV]
-    if submission_id:
-        cmd += ["--submission-id", submission_id]
+           "--runtime-env-json", RUNTIME_ENV, "--submission-id", submission_id]
     if not wait:
         cmd.append("--no-wait")
     cmd += ["--", *_job_args(run_dir)]
-    return subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    t0 = time.time()
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    if not wait:
+        return proc
+    status = wait_for_job(address, submission_id, timeout=max(60.0, timeout - (time.time() - t0)))
+    if status is None:
+        return proc
+    from ray.job_submission import JobSubmissionClient
+
+    logs = JobSubmissionClient(address).get_job_logs(submission_id)
+    return subprocess.CompletedProcess(proc.args, 0 if status == "SUCCEEDED" else 1,
+                                       logs + f"\njob {submission_id}: {status}\n", proc.stdout + proc.stderr)
+
+
+def wait_for_job(address: str, submission_id: str, timeout: float = JOB_TIMEOUT) -> str | None:
+    """The job's terminal status; None if the cluster does not know the job."""
+    from ray.job_submission import JobSubmissionClient
+
+    client = JobSubmissionClient(address)
+    deadline = time.time() + timeout
+    while True:
+        try:
+            status = str(client.get_job_status(submission_id).value)
+        except RuntimeError as exc:
+            if "404" in str(exc):  # the CLI failed before the job was created
+                return None
+            status = f"unknown ({exc})"  # a dashboard busy on a loaded machine: ask again
+        if status in ("SUCCEEDED", "FAILED", "STOPPED"):
+            return status
+        assert time.time() < deadline, f"job {submission_id} still {status} after {timeout:.0f} s"
+        time.sleep(1)
 
 
 def job_status(address: str, submission_id: str) -> str:
@@ -280,8 +321,7 @@ def copy_upstream(reference_dir: Path, run_dir: Path) -> None:
     (run_dir / "metrics.json").write_text(json.dumps(upstream_metrics))
 
 
-def test_interrupted_job_resumes_to_the_same_metrics(ray_head, finished_job, tmp_path, monkeypatch):
-    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # for the in-process job SDK client, like the CLI's env
+def test_interrupted_job_resumes_to_the_same_metrics(ray_head, finished_job, tmp_path):
     reference_dir, _ = finished_job
     reference = json.loads((reference_dir / "metrics.json").read_text())
     run_dir = tmp_path / "run"
@@ -320,10 +360,9 @@ def test_interrupted_job_resumes_to_the_same_metrics(ray_head, finished_job, tmp
             assert metrics["evaluate"]["test"][method][key] == pytest.approx(value, abs=1e-6), (method, key)
 
 
-def test_two_concurrent_jobs_with_different_runs_do_not_interfere(ray_head, finished_job, tmp_path, monkeypatch):
+def test_two_concurrent_jobs_with_different_runs_do_not_interfere(ray_head, finished_job, tmp_path):
     """Two jobs on one cluster at once, each over its own run directory (upstream stages copied from
     the first job): both succeed, each writes only its own run, and both reach the first job's metrics."""
-    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # for the in-process job SDK client, like the CLI's env
     reference_dir, _ = finished_job
     reference = json.loads((reference_dir / "metrics.json").read_text())
     runs = {name: tmp_path / name for name in ("run-a", "run-b")}
