@@ -27,6 +27,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from ray.job_submission import JobStatus, JobSubmissionClient
 
 from conftest import REPO, TINY_CONFIG
 
@@ -176,8 +177,6 @@ def submit(address: str, run_dir: Path, wait: bool = True, submission_id: str | 
     status = wait_for_job(address, submission_id, timeout=max(60.0, timeout - (time.time() - t0)))
     if status is None:
         return proc
-    from ray.job_submission import JobSubmissionClient
-
     logs = JobSubmissionClient(address).get_job_logs(submission_id)
     return subprocess.CompletedProcess(proc.args, 0 if status == "SUCCEEDED" else 1,
                                        logs + f"\njob {submission_id}: {status}\n", proc.stdout + proc.stderr)
@@ -185,27 +184,23 @@ def submit(address: str, run_dir: Path, wait: bool = True, submission_id: str | 
 
 def wait_for_job(address: str, submission_id: str, timeout: float = JOB_TIMEOUT) -> str | None:
     """The job's terminal status; None if the cluster does not know the job."""
-    from ray.job_submission import JobSubmissionClient
-
     client = JobSubmissionClient(address)
     deadline = time.time() + timeout
     while True:
         try:
-            status = str(client.get_job_status(submission_id).value)
+            status = client.get_job_status(submission_id)
         except RuntimeError as exc:
             if "404" in str(exc):  # the CLI failed before the job was created
                 return None
-            status = f"unknown ({exc})"  # a dashboard busy on a loaded machine: ask again
-        if status in ("SUCCEEDED", "FAILED", "STOPPED"):
-            return status
+            status = exc  # a dashboard busy on a loaded machine: ask again
+        if isinstance(status, JobStatus) and status.is_terminal():
+            return str(status.value)
         assert time.time() < deadline, f"job {submission_id} still {status} after {timeout:.0f} s"
         time.sleep(1)
 
 
 def job_status(address: str, submission_id: str) -> str:
     """The job's status through Ray's job SDK (one `ray job status` CLI call costs seconds of imports)."""
-    from ray.job_submission import JobSubmissionClient
-
     return str(JobSubmissionClient(address).get_job_status(submission_id).value)
 
 
@@ -335,7 +330,7 @@ def test_interrupted_job_resumes_to_the_same_metrics(ray_head, finished_job, tmp
     while not _generate_checkpoints(run_dir):
         if time.time() - last_status_check > 10:
             status = job_status(ray_head, submission_id)
-            assert status not in ("SUCCEEDED", "FAILED", "STOPPED"), f"job ended ({status}) before a generator checkpoint"
+            assert not JobStatus(status).is_terminal(), f"job ended ({status}) before a generator checkpoint"
             last_status_check = time.time()
         assert time.time() < deadline, f"no generator checkpoint within {JOB_TIMEOUT} s"
         time.sleep(0.5)
@@ -373,11 +368,9 @@ def test_two_concurrent_jobs_with_different_runs_do_not_interfere(ray_head, fini
     ids = {name: f"{name}-{os.getpid()}-{int(time.time())}" for name in runs}
     for name, run_dir in runs.items():
         _assert_ok(submit(ray_head, run_dir, wait=False, submission_id=ids[name]))
+    # Both jobs share one deadline: the second wait gets only what the first left.
     deadline = time.time() + 2 * JOB_TIMEOUT
-    while (statuses := {n: job_status(ray_head, i) for n, i in ids.items()}) and \
-            any(s not in ("SUCCEEDED", "FAILED", "STOPPED") for s in statuses.values()):
-        assert time.time() < deadline, f"jobs still running after {2 * JOB_TIMEOUT} s: {statuses}"
-        time.sleep(5)
+    statuses = {name: wait_for_job(ray_head, job_id, timeout=deadline - time.time()) for name, job_id in ids.items()}
     assert set(statuses.values()) == {"SUCCEEDED"}, statuses
 
     for name, run_dir in runs.items():
