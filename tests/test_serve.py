@@ -185,9 +185,10 @@ def test_recommend_matches_the_library(app, histories, catalog, tiny_run):
         else:
             assert it["source"] == "generator" and it["semantic_id"] == catalog["codes"][it["item_id"]]
 
-    beam = tiny_run.read_metrics()["config"]["serve"]["beam_size"]
-    expected = Recommender.load(tiny_run, device="cpu").recommend([hist], [user], k=5, beam_size=beam)[0]
-    assert len(generated) >= 5 - math.ceil(0.1 * 5)  # serve.cold_start_fraction's default budget
+    serve_config = tiny_run.read_metrics()["config"]["serve"]
+    expected = Recommender.load(tiny_run, device="cpu").recommend([hist], [user], k=5,
+                                                                   beam_size=serve_config["beam_size"])[0]
+    assert len(generated) >= 5 - math.ceil(serve_config["cold_start_fraction"] * 5)  # the cold-start budget
     assert [i["item_id"] for i in generated] == [e[0] for e in expected][: len(generated)]
     assert [i["score"] for i in generated] == pytest.approx([e[1] for e in expected][: len(generated)], abs=1e-4)
 
