@@ -64,11 +64,19 @@ class ClusterError(CostDistError):
 # --------------------------------------------------------------------------------------------------
 
 
+def free_ports(n: int) -> list[int]:
+    """`n` distinct TCP ports nothing listens on right now (the OS picks them). Each socket stays
+    bound until all are picked: ports picked one at a time, each released before the next, may repeat."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) for _ in range(n)]
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+
+
 def free_port() -> int:
     """A TCP port nothing listens on right now (the OS picks it)."""
-    with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
 
 
 def _fake_multinode_base_config() -> dict[str, Any]:
@@ -180,6 +188,7 @@ class LocalAutoscalingCluster(AutoscalingCluster):
         with os.fdopen(fd, "w") as f:
             json.dump(self._config, f)
         head = dict(self._head_resources)
+        dashboard, client, agent, agent_grpc, runtime_env, metrics, node_manager, object_manager = free_ports(8)
         cmd = [
             sys.executable, "-m", "ray.scripts.scripts", "start", "--head",
             f"--autoscaling-config={self._config_file}",
@@ -188,14 +197,14 @@ class LocalAutoscalingCluster(AutoscalingCluster):
             f"--num-gpus={head.pop('GPU', 0)}",
             f"--object-store-memory={head.pop('object_store_memory', self.object_store_memory)}",
             "--include-dashboard=false",
-            f"--dashboard-port={free_port()}",  # checked even without the dashboard; 8265 may be taken
-            f"--ray-client-server-port={free_port()}",
-            f"--dashboard-agent-listen-port={free_port()}",
-            f"--dashboard-agent-grpc-port={free_port()}",
-            f"--runtime-env-agent-port={free_port()}",
-            f"--metrics-export-port={free_port()}",
-            f"--node-manager-port={free_port()}",
-            f"--object-manager-port={free_port()}",
+            f"--dashboard-port={dashboard}",  # checked even without the dashboard; 8265 may be taken
+            f"--ray-client-server-port={client}",
+            f"--dashboard-agent-listen-port={agent}",
+            f"--dashboard-agent-grpc-port={agent_grpc}",
+            f"--runtime-env-agent-port={runtime_env}",
+            f"--metrics-export-port={metrics}",
+            f"--node-manager-port={node_manager}",
+            f"--object-manager-port={object_manager}",
             "--disable-usage-stats",
         ]
         if head:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import psutil
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -14,6 +15,14 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_CONFIG = REPO / "tests" / "tiny.yaml"
+
+
+def pids_naming(token: str) -> list[int]:
+    """Pids (other than this process) whose command line contains `token`: how tests find the
+    processes of a Ray head they started that left its process group."""
+    me = os.getpid()
+    return [proc.pid for proc in psutil.process_iter(["cmdline"])
+            if proc.pid != me and token in " ".join(proc.info["cmdline"] or ())]
 
 
 def haproxy_binds() -> dict[int, list[str]]:

@@ -16,7 +16,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -29,7 +28,8 @@ import pyarrow.parquet as pq
 import pytest
 from ray.job_submission import JobStatus, JobSubmissionClient
 
-from conftest import REPO, TINY_CONFIG
+from conftest import REPO, TINY_CONFIG, pids_naming
+from cost_dist.cluster import free_ports
 
 pytestmark = pytest.mark.slow
 
@@ -42,12 +42,6 @@ RUNTIME_ENV = json.dumps({"env_vars": {"HF_HUB_OFFLINE": "1"}})  # the README's 
 JOB_TIMEOUT = float(os.environ.get("COST_DIST_JOB_TIMEOUT", "900"))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _env() -> dict[str, str]:
     env = dict(os.environ)
     env.pop("RAY_ADDRESS", None)
@@ -57,21 +51,6 @@ def _env() -> dict[str, str]:
     env["TOKENIZERS_PARALLELISM"] = "false"
     env["DS_ACCELERATOR"] = "cpu"
     return env
-
-
-def _processes_under(marker: str) -> list[int]:
-    """Pids whose command line mentions our head's private temp dir (workers outside our group)."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if marker in cmd:
-            pids.append(int(entry.name))
-    return pids
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -86,7 +65,7 @@ def _job_sdk_env():
 def ray_head():
     """A real head node on free ports; yields the dashboard (job submission) address."""
     temp_dir = tempfile.mkdtemp(prefix="rcd-", dir="/tmp")  # short: Ray's socket paths have a length limit
-    ports = {name: _free_port() for name in ("gcs", "dashboard", "client", "agent", "metrics")}
+    ports = dict(zip(("gcs", "dashboard", "client", "agent", "metrics"), free_ports(5)))
     cmd = [
         str(BIN / "ray"), "start", "--head", "--block", "--num-cpus=4", "--disable-usage-stats",
         f"--port={ports['gcs']}", f"--dashboard-port={ports['dashboard']}", "--dashboard-host=127.0.0.1",
@@ -145,7 +124,7 @@ def _stop_head(head: subprocess.Popen, temp_dir: str) -> None:
         except subprocess.TimeoutExpired:
             continue
     deadline = time.time() + 15
-    while (left := _processes_under(temp_dir)) and time.time() < deadline:
+    while (left := pids_naming(temp_dir)) and time.time() < deadline:
         for pid in left:
             try:
                 os.kill(pid, signal.SIGKILL)

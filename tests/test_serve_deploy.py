@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -21,34 +20,10 @@ import pytest
 import requests
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import REPO, pids_naming
+from cost_dist.cluster import free_ports
+
 BIN = Path(sys.executable).parent
-
-
-def free_ports(n: int) -> list[int]:
-    socks, ports = [], []
-    for _ in range(n):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        socks.append(s)
-        ports.append(s.getsockname()[1])
-    for s in socks:
-        s.close()
-    return ports
-
-
-def _pids_naming(token: str) -> list[int]:
-    out = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if token in cmdline:
-            out.append(int(proc.name))
-    return out
 
 
 @pytest.fixture(params=["python-proxy", "haproxy"])
@@ -110,8 +85,8 @@ def ray_head(request, tmp_path):
             pass
         # Processes of this head that left the group (raylet children, GCS) still name its GCS port.
         # HAProxy runs detached from the head's process group; its command line names its config file.
-        haproxy = _pids_naming(f"{hap}/") if hap else []
-        for pid in [*_pids_naming(f"127.0.0.1:{gcs}"), *_pids_naming(f"--gcs-address=127.0.0.1:{gcs}"), *haproxy]:
+        haproxy = pids_naming(f"{hap}/") if hap else []
+        for pid in [*pids_naming(f"127.0.0.1:{gcs}"), *pids_naming(f"--gcs-address=127.0.0.1:{gcs}"), *haproxy]:
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
@@ -164,7 +139,7 @@ def test_serve_deploy_config_then_status_and_query(ray_head, tiny_run, tmp_path)
 
     if ray_head["ingress"] == "haproxy":  # HAProxy, with this test's config file, is what listens on the port
         # (its files go to <dir>/<node id>/, so the command line names the test's dir)
-        assert _pids_naming(f"{ray_head['haproxy_dir']}/"), "no HAProxy process with this head's config"
+        assert pids_naming(f"{ray_head['haproxy_dir']}/"), "no HAProxy process with this head's config"
     base = f"http://127.0.0.1:{ray_head['http_port']}"
     health = requests.get(f"{base}/healthz", timeout=60)
     assert health.status_code == 200 and health.json()["status"] == "ok"
