@@ -178,9 +178,9 @@ def wait_for_job(address: str, submission_id: str, timeout: float = JOB_TIMEOUT)
         time.sleep(1)
 
 
-def job_status(address: str, submission_id: str) -> str:
+def job_status(address: str, submission_id: str) -> JobStatus:
     """The job's status through Ray's job SDK (one `ray job status` CLI call costs seconds of imports)."""
-    return str(JobSubmissionClient(address).get_job_status(submission_id).value)
+    return JobSubmissionClient(address).get_job_status(submission_id)
 
 
 def marker_mtimes(run_dir: Path, stages=STAGES) -> dict[str, int]:
@@ -309,14 +309,14 @@ def test_interrupted_job_resumes_to_the_same_metrics(ray_head, finished_job, tmp
     while not _generate_checkpoints(run_dir):
         if time.time() - last_status_check > 10:
             status = job_status(ray_head, submission_id)
-            assert not JobStatus(status).is_terminal(), f"job ended ({status}) before a generator checkpoint"
+            assert not status.is_terminal(), f"job ended ({status.value}) before a generator checkpoint"
             last_status_check = time.time()
         assert time.time() < deadline, f"no generator checkpoint within {JOB_TIMEOUT} s"
         time.sleep(0.5)
     stop = subprocess.run([str(BIN / "ray"), "job", "stop", "--address", ray_head, submission_id],
                           env=_env(), capture_output=True, text=True, timeout=JOB_TIMEOUT)
     assert stop.returncode == 0, stop.stdout + stop.stderr
-    assert job_status(ray_head, submission_id) == "STOPPED"
+    assert job_status(ray_head, submission_id) == JobStatus.STOPPED
     assert not (run_dir / "generate" / "_COMPLETE").exists(), "generate finished before it could be interrupted"
     assert (run_dir / "generate" / "_STARTED").exists()
     assert not (run_dir / "evaluate").exists()
