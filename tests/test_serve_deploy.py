@@ -83,10 +83,11 @@ def ray_head(request, tmp_path):
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             pass
-        # Processes of this head that left the group (raylet children, GCS) still name its GCS port.
+        # Processes of this head that left the group (raylet children, GCS) still name its GCS port
+        # (as `--gcs-address=127.0.0.1:PORT` or a bare address; the one token matches both).
         # HAProxy runs detached from the head's process group; its command line names its config file.
         haproxy = pids_naming(f"{hap}/") if hap else []
-        for pid in [*pids_naming(f"127.0.0.1:{gcs}"), *pids_naming(f"--gcs-address=127.0.0.1:{gcs}"), *haproxy]:
+        for pid in [*pids_naming(f"127.0.0.1:{gcs}"), *haproxy]:
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
