@@ -28,15 +28,15 @@ def pids_naming(token: str) -> list[int]:
 def haproxy_binds() -> dict[int, list[str]]:
     """The `bind` addresses in the config of every running HAProxy (Serve's ingress), by PID."""
     out: dict[int, list[str]] = {}
-    for proc in Path("/proc").iterdir():
-        try:
-            argv = (proc / "cmdline").read_bytes().split(b"\0")
-            if not (argv and argv[0].endswith(b"haproxy") and b"-f" in argv):
-                continue
-            config = Path(argv[argv.index(b"-f") + 1].decode()).read_text()
-        except OSError:
+    for proc in psutil.process_iter(["cmdline"]):
+        argv = proc.info["cmdline"] or []
+        if not (argv and argv[0].endswith("haproxy") and "-f" in argv[:-1]):
             continue
-        out[int(proc.name)] = [line.split()[1] for line in config.splitlines() if line.strip().startswith("bind ")]
+        try:
+            config = Path(argv[argv.index("-f") + 1]).read_text()
+        except OSError:  # a config file already removed with its test's tmp dir
+            continue
+        out[proc.pid] = [line.split()[1] for line in config.splitlines() if line.strip().startswith("bind ")]
     return out
 
 
