@@ -276,6 +276,12 @@ def run_static_baselines(cfg, base, methods: list[str]) -> dict[str, dict[str, A
     return out
 
 
+def static_inputs_ready(base, method: str, data: dict[str, Any]) -> bool:
+    """Whether the base run holds what a static baseline is scored on: the prepared splits, and for
+    dense the item embeddings too."""
+    return bool(data) and (method != "dense" or base.exists("embed/embeddings.parquet"))
+
+
 class NotRunYet(RuntimeError):
     """--collect-only found no results for a run: reported as not run, not as failed."""
 
@@ -513,10 +519,13 @@ def run_benchmark(args: argparse.Namespace, command: str) -> dict[str, Any]:
             static = [m for m in ("pop", "dense") if m in args.methods]
             if static and (seed == args.seeds[0] or cfg_seed.data.dataset == "synthetic"):
                 earlier = {m: previous_run(args.previous_results, name, m, seed) for m in static}
-                if args.collect_only and not data and all(earlier.values()):
-                    computed = earlier  # this machine has no prepared data to score them on
-                else:
-                    computed = _guard(args, entry, static, seed, lambda: run_static_baselines(cfg_seed, base, static))
+                # A collect scores here what this --out holds the inputs for and takes the rest from
+                # --previous: a SASRec-only run prepares the data but never embeds it, so dense cannot be.
+                here = [m for m in static if not (args.collect_only and earlier[m])
+                        or static_inputs_ready(base, m, data)]
+                computed = {m: earlier[m] for m in static if m not in here}
+                if here:
+                    computed.update(_guard(args, entry, here, seed, lambda: run_static_baselines(cfg_seed, base, here)))
                 for method, res in computed.items():
                     entry["runs"][method][str(seed)] = res
             for method in generative + (["sasrec"] if "sasrec" in args.methods else []):

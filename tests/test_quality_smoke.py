@@ -104,3 +104,16 @@ def test_real_dataset_base_is_prepared_once_for_every_seed(tmp_path):
     assert f"Taken from the earlier results file `{earlier}`" in table and "Pop seed 0" in table
     assert "Not run yet (`--collect-only` found no results): random IDs seed 0" in table
     assert quality.main([*args, "--previous", str(earlier)]) == 2  # only meaningful with --collect-only
+    # A SASRec-only run prepares the data but never embeds it: a collect there scores Pop on the prepared
+    # splits and takes dense, which needs the embeddings, from --previous instead of reporting it failed.
+    assert not (out / "runs" / "ml-latest-small" / "base" / "embed" / "embeddings.parquet").exists()
+    with_dense = json.loads(earlier.read_text())
+    runs = with_dense["datasets"]["ml-latest-small"]["runs"]
+    runs["dense"] = {"0": {**runs["pop"]["0"], "wall_s": 1.0}}
+    (tmp_path / "with_dense.json").write_text(json.dumps(with_dense))
+    assert quality.main(["--datasets", f"ml-latest-small={data}", "--methods", "pop,dense", "--seeds", "0",
+                         "--out", str(out), "--collect-only", "--previous", str(tmp_path / "with_dense.json")]) == 0
+    collected = json.loads((out / "results.json").read_text())["datasets"]["ml-latest-small"]["runs"]
+    assert collected["dense"]["0"]["from_previous"] is True and collected["dense"]["0"]["wall_s"] == 1.0
+    assert "from_previous" not in collected["pop"]["0"] and collected["pop"]["0"]["test"] == before["runs"]["pop"]["0"]["test"]
+    assert "Failed runs" not in (out / "results.md").read_text()
