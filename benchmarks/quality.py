@@ -174,7 +174,12 @@ def dataset_config(args: argparse.Namespace, name: str, path: str, seed: int, me
     if name != "synthetic":
         overrides += [f"data.dataset={name}", f"data.path={os.path.abspath(path)}"]
     overrides += [f"name=quality-{name}", f"seed={seed}", *method_overrides, *args.overrides]
-    return Config.load(config_file, overrides), (str(config_file) if config_file else None)
+    # Recorded relative to the repository when inside it, so committed results name no machine's paths.
+    shown = None
+    if config_file:
+        resolved = config_file.resolve()
+        shown = str(resolved.relative_to(REPO)) if resolved.is_relative_to(REPO) else str(config_file)
+    return Config.load(config_file, overrides), shown
 
 
 def base_seed(cfg, seed: int) -> int:
