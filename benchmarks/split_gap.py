@@ -2,7 +2,7 @@
 
 A diagnostic for one finished quality-benchmark run pair (a generative method's run directory and a
 SASRec run directory over the same prepared data): both models rank the validation and test users
-(whole past masked, as the benchmark scores them), and the hits are broken down two ways.
+(whole past masked, as the benchmark scores them), and the hits are broken down four ways.
 
 1. By how often the target occurs in the training sequences (cold 0, 1-4, 5-19, 20+). Test targets
    are the users' latest items, so they are rarer in training than validation targets; the table
@@ -98,7 +98,8 @@ def main(argv=None) -> int:
     for name, (hist, seen, target) in inputs.items():
         logging.info("ranking %s (%d users)", name, len(hist))
         beams = rec.recommend(hist, users, k=args.beam_size, beam_size=args.beam_size, exclude_seen=True, seen=seen)
-        sas_scores = torch.log_softmax(torch.from_numpy(sas.scores(hist)), 1)
+        # Raw logits: the softmax's per-user constant leaves the ranking unchanged, penalty or not.
+        sas_scores = torch.from_numpy(sas.scores(hist))
         seen_rows = [sas.index.rows(h, "seen items", strict=False) for h in seen]  # the whole past, not the last max_len
         seen_rows = torch.from_numpy(left_pad(seen_rows, max(len(r) for r in seen_rows)))
         sas_scores = sas_scores.masked_fill(seen_mask(seen_rows, sas_scores.shape[1]), float("-inf"))
@@ -107,12 +108,11 @@ def main(argv=None) -> int:
             gen = [[i for i, _ in sorted(b, key=lambda x: -(x[1] - alpha * logpop[x[0]]))][:K] for b in beams]
             top = torch.topk(sas_scores - alpha * sas_logpop, K, dim=1).indices.tolist()
             ranked = {"generator": gen, "sasrec": [[sas.index.item_ids[j] for j in row] for row in top]}
+            hits = {m: per_user(r, target) for m, r in ranked.items()}
             if alpha == 0.0:
-                top10[name] = ranked
-                scores[name] = {m: per_user(r, target) for m, r in ranked.items()}
+                top10[name], scores[name] = ranked, hits
             penalty.setdefault(name, {})[str(alpha)] = {
-                m: {"recall@10": float(a.mean()), "ndcg@10": float(b.mean())}
-                for m, (a, b) in ((m, per_user(r, target)) for m, r in ranked.items())}
+                m: {"recall@10": float(a.mean()), "ndcg@10": float(b.mean())} for m, (a, b) in hits.items()}
 
     bucket = {name: np.array([bucket_of(counts[t]) for t in target]) for name, (_, _, target) in inputs.items()}
     out: dict = {"generator_run": args.generator_run, "sasrec_run": args.sasrec_run, "k": K,
