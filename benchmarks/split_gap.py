@@ -69,8 +69,6 @@ def main(argv=None) -> int:
 
     from cost_dist.generator.inference import Recommender
     from cost_dist.sasrec import SASRecRanker
-    from cost_dist.sasrec.data import left_pad
-    from cost_dist.sasrec.inference import seen_mask
 
     torch.set_num_threads(2)
     grun, srun = RunDir(args.generator_run), RunDir(args.sasrec_run)
@@ -99,10 +97,8 @@ def main(argv=None) -> int:
         logging.info("ranking %s (%d users)", name, len(hist))
         beams = rec.recommend(hist, users, k=args.beam_size, beam_size=args.beam_size, exclude_seen=True, seen=seen)
         # Raw logits: the softmax's per-user constant leaves the ranking unchanged, penalty or not.
-        sas_scores = torch.from_numpy(sas.scores(hist))
-        seen_rows = [sas.index.rows(h, "seen items", strict=False) for h in seen]  # the whole past, not the last max_len
-        seen_rows = torch.from_numpy(left_pad(seen_rows, max(len(r) for r in seen_rows)))
-        sas_scores = sas_scores.masked_fill(seen_mask(seen_rows, sas_scores.shape[1]), float("-inf"))
+        # The whole past masked, not only the last max_len items the model reads.
+        sas_scores = torch.from_numpy(sas.scores(hist, exclude_seen=True, seen=seen))
         sas_logpop = torch.tensor([logpop.get(i, 0.0) for i in sas.index.item_ids])
         for alpha in ALPHAS:
             gen = [[i for i, _ in sorted(b, key=lambda x: -(x[1] - alpha * logpop[x[0]]))][:K] for b in beams]

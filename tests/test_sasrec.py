@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pyarrow as pa
 import pytest
 import torch
@@ -68,6 +69,13 @@ def test_model_is_causal_ignores_padding_and_masks_seen_items():
     assert [len(r) for r in ranked] == [21, 25] and not set(ranked[0]) & set(past[0]) and not set(ranked[1]) & set(past[1])
     assert len(ranker.rank([["i1", "i2", "i3"]], 30, exclude_seen=True)[0]) == 27
     assert len(ranker.rank([["i1", "i2", "i3"]], 30)[0]) == 30
+    # scores() masks the same items rank() skips and orders the rest the same way.
+    masked = ranker.scores([["i1", "i2", "i3"], ["i4"]], exclude_seen=True, seen=past)
+    assert np.isneginf(masked).sum(1).tolist() == [9, 2]
+    assert [[ranker.index.item_ids[j] for j in np.argsort(-row, kind="stable")[:len(r)]] for row, r in zip(masked, ranked)] == ranked
+    assert np.isfinite(ranker.scores([["i1", "i2", "i3"]])).all()
+    with pytest.raises(ValueError, match="seen has 1 rows for 2 histories"):
+        ranker.scores([["i1"], ["i4"]], exclude_seen=True, seen=[["i1"]])
 
 
 def test_model_learns_a_deterministic_successor():
