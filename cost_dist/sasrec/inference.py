@@ -85,37 +85,32 @@ class SASRecRanker:
         rows = [self.index.rows(h, "history", strict=False) for h in histories]
         return left_pad(rows, self.max_len)
 
-    def _batch_scores(self, part: Sequence[Sequence[str]], exclude_seen: bool,
-                      seen_part: Sequence[Sequence[str]] | None):
-        """[len(part), n] torch scores of one batch, the seen items at -inf when exclude_seen."""
+    def _scored_batches(self, histories: Sequence[Sequence[str]], exclude_seen: bool,
+                        seen: Sequence[Sequence[str]] | None):
+        """[batch, n] torch scores per batch of histories, the seen items at -inf when exclude_seen."""
         import torch
 
         from cost_dist.sasrec.data import left_pad
 
-        seqs = torch.from_numpy(self._padded(part))
-        scores = self.model.last_scores(seqs)
-        if exclude_seen:
-            if seen_part is not None:
-                rows = [self.index.rows(h, "seen items", strict=False) for h in seen_part]
-                masked = torch.from_numpy(left_pad(rows, max((len(r) for r in rows), default=1) or 1))
-            else:
-                masked = seqs
-            scores = scores.masked_fill(seen_mask(masked, scores.shape[1]), float("-inf"))
-        return scores
-
-    def _batches(self, histories: Sequence[Sequence[str]], exclude_seen: bool,
-                 seen: Sequence[Sequence[str]] | None):
         if seen is not None and len(seen) != len(histories):
             raise ValueError(f"seen has {len(seen)} rows for {len(histories)} histories")
         for lo in range(0, len(histories), self.batch_size):
-            hi = lo + self.batch_size
-            yield self._batch_scores(histories[lo:hi], exclude_seen, None if seen is None else seen[lo:hi])
+            seqs = torch.from_numpy(self._padded(histories[lo:lo + self.batch_size]))
+            scores = self.model.last_scores(seqs)
+            if exclude_seen:
+                if seen is not None:
+                    rows = [self.index.rows(h, "seen items", strict=False) for h in seen[lo:lo + self.batch_size]]
+                    masked = torch.from_numpy(left_pad(rows, max((len(r) for r in rows), default=1) or 1))
+                else:
+                    masked = seqs
+                scores = scores.masked_fill(seen_mask(masked, scores.shape[1]), float("-inf"))
+            yield scores
 
     def scores(self, histories: Sequence[Sequence[str]], exclude_seen: bool = False,
                seen: Sequence[Sequence[str]] | None = None) -> np.ndarray:
         """[U, n] float32 scores (raw logits) of every catalog item (column j = item_ids[j]) as each
         user's next item; with exclude_seen, the seen items (as in `rank`) score -inf."""
-        out = [b.float().numpy() for b in self._batches(histories, exclude_seen, seen)]
+        out = [b.float().numpy() for b in self._scored_batches(histories, exclude_seen, seen)]
         return np.concatenate(out, axis=0) if out else np.zeros((0, len(self.index)), dtype=np.float32)
 
     def rank(self, histories: Sequence[Sequence[str]], k: int, exclude_seen: bool = False,
@@ -129,7 +124,7 @@ class SASRecRanker:
 
         k = min(int(k), len(self.index))
         out: list[list[str]] = []
-        for scores in self._batches(histories, exclude_seen, seen):
+        for scores in self._scored_batches(histories, exclude_seen, seen):
             top = torch.topk(scores, k, dim=1)
             for values, idx in zip(top.values.tolist(), top.indices.tolist()):
                 out.append([self.index.item_ids[j] for v, j in zip(values, idx) if v != float("-inf")])
